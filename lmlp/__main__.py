@@ -1,0 +1,3 @@
+from lmlp.cli import main
+
+main()

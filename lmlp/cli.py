@@ -1,0 +1,158 @@
+"""The ``lmlp`` command line: a thin layer over the Python API.
+
+Every user error (``LmlpError``) is printed as one line on stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmlp.errors import LmlpError
+
+app = typer.Typer(
+    help="lmlp: lifelong machine learning potentials (eeACSF HDNNP ensembles, CoRe, lifelong "
+    "adaptive data selection).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Structure data: generate, convert, inspect.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration files: check and show resolved.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+SkipInvalid = Annotated[
+    bool, typer.Option("--skip-invalid", help="Drop invalid structures (and report them) instead of failing.")
+]
+
+
+def _command_line() -> str:
+    return shlex.join(["lmlp", *sys.argv[1:]])
+
+
+@data_app.command("info")
+def data_info(
+    path: Annotated[Path, typer.Argument(help="An lmlp HDF5 structure file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Counts, elements, reactions, energy and force ranges, split sizes, method and units."""
+    from lmlp.data import summarize
+
+    summary = summarize(path)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(summary), indent=2))
+    else:
+        typer.echo(format_summary(summary))
+
+
+def format_summary(s) -> str:
+    """``lmlp data info`` text for a ``lmlp.data.Summary``."""
+    a = s.attrs
+    lo, hi = s.atoms_per_structure
+    rows = [
+        ("structures", f"{s.n_structures} ({s.n_atoms} atoms, {lo}–{hi} per structure)"
+         + (", periodic" if s.periodic else "")),
+        ("elements", ", ".join(f"{el} {n}" for el, n in s.elements.items())),
+        ("method", f"{a.get('method', '?')} ({a.get('program', '?')} {a.get('program_version', '')})".strip()),
+        ("units", f"energy {a.get('energy_unit')}, length {a.get('length_unit')}, "
+                  f"forces {a.get('force_unit')}, charge {a.get('charge_unit')}"),
+        ("energy", f"{s.energy_range[0]:.4f} … {s.energy_range[1]:.4f} eV "
+                   f"({s.energy_per_atom_range[0]:.4f} … {s.energy_per_atom_range[1]:.4f} eV/atom)"),
+        ("forces", f"components {s.force_component_range[0]:.3f} … {s.force_component_range[1]:.3f} eV/Å, "
+                   f"max |F| {s.max_force_norm:.3f} eV/Å"),
+        ("split", ", ".join(f"{k} {v}" for k, v in s.split_sizes.items()) or "none"),
+        ("created", a.get("created", "?")),
+        ("command", a.get("command", "?")),
+        ("format", f"{a.get('format')} v{a.get('format_version')}, {a.get('content_hash', '')[:23]}…"),
+    ]
+    if "sampling" in a:
+        rows.insert(3, ("sampling", a["sampling"]))
+    width = max(len(k) for k, _ in rows)
+    lines = [s.path] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines.append(f"  {'labels':<{width}}  {len(s.labels)}")
+    label_width = max((len(k) for k in s.labels), default=0)
+    lines += [f"    {k:<{label_width}}  {n:>7}" for k, n in s.labels.items()]
+    return "\n".join(lines)
+
+
+@data_app.command("convert")
+def data_convert(
+    source: Annotated[Path, typer.Argument(help="Input: .h5, or any file ASE reads with energies and forces (extxyz, ASE db, ...).")],
+    target: Annotated[Path, typer.Argument(help="Output: .h5 (lmlp layout) or .extxyz/.xyz.")],
+    charge: Annotated[int, typer.Option(help="Total charge (e) where the input does not give one.")] = 0,
+    method: Annotated[Optional[str], typer.Option(help="Reference method to record in the HDF5 file.")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Test fraction of a new split (stratified by label).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of a new split.")] = 0,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Convert structures between HDF5 and extxyz (or from anything ASE reads)."""
+    from lmlp.data import convert
+
+    attrs = {"command": _command_line(), **({"method": method} if method else {})}
+    written, problems = convert(source, target, on_invalid="skip" if skip_invalid else "raise",
+                                default_charge=charge, test_fraction=test_fraction, seed=seed, attrs=attrs)
+    _report_skipped(source, problems)
+    typer.echo(f"wrote {len(written)} structures to {target}")
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Annotated[Path, typer.Argument(help="Output HDF5 file.")],
+    n_structures: Annotated[int, typer.Option(help="Number of structures to sample (all 16 reactions).")] = 9000,
+    method: Annotated[str, typer.Option(help="Reference method: gfn2-xtb (tblite) or pyscf (B3LYP/def2-SVPD).")] = "gfn2-xtb",
+    seed: Annotated[int, typer.Option(help="Seed of the MD sampling and the split.")] = 0,
+    workers: Annotated[int, typer.Option(help="Worker processes (one reaction each at a time).")] = 1,
+    reactions: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. 'F+CH3Cl,Cl+CH3F'.")] = None,
+) -> None:
+    """Generate the SN2 reference data set X⁻ + CH3Y → XCH3 + Y⁻ (resumable: re-run to continue)."""
+    from lmlp.reference.sn2 import generate_sn2
+
+    report = generate_sn2(
+        out, n_structures=n_structures, seed=seed, method=method, workers=workers,
+        reactions=reactions.split(",") if reactions else None, command=_command_line(), progress=True,
+    )
+    typer.echo(
+        f"wrote {report.n_written} structures to {report.path}; "
+        f"{report.n_failed_sampling} sampling and {report.n_failed_labels} labelling failures (not stored)"
+    )
+
+
+@config_app.command("check")
+def config_check(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Validate a config file."""
+    from lmlp.config import load_config
+
+    load_config(config)
+    typer.echo(f"{config}: ok")
+
+
+@config_app.command("show")
+def config_show(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Print the resolved config, every default filled in."""
+    from lmlp.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config)), nl=False)
+
+
+def _report_skipped(source: Path, problems: list) -> None:
+    for p in problems:
+        typer.echo(f"{source}: skipped structure {p.index}: {p.reason}", err=True)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except LmlpError as exc:
+        typer.echo(f"lmlp: error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("lmlp: interrupted", err=True)
+        raise SystemExit(130) from None

@@ -1,0 +1,218 @@
+"""In-memory structure sets: flat per-atom arrays with per-structure offsets.
+
+A ``StructureSet`` holds ``n`` structures with ``N`` atoms in all. Structure ``i`` owns the atom
+rows ``offsets[i]:offsets[i+1]`` of every per-atom array. Units: Å, eV, eV/Å, elementary charge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from lmlp.errors import DataError
+
+
+@dataclass
+class StructureSet:
+    """A set of labelled structures as flat arrays.
+
+    Attributes:
+        numbers: (N,) int64 atomic numbers.
+        positions: (N, 3) float64 Cartesian positions, Å.
+        forces: (N, 3) float64 reference forces, eV/Å.
+        offsets: (n + 1,) int64 atom offsets; structure i is rows offsets[i]:offsets[i+1].
+        energy: (n,) float64 reference total energies, eV.
+        charge: (n,) int64 total charges, e.
+        label: (n,) str labels, e.g. the reaction ``"F+CH3Cl"``.
+        cell: (n, 3, 3) float64 cell vectors in Å, or None for molecules.
+        pbc: (n, 3) bool periodic directions, or None for molecules.
+        split: named structure-index arrays, e.g. ``{"train": ..., "test": ...}``.
+        attrs: provenance strings: method, program, program_version, command, created.
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    forces: np.ndarray
+    offsets: np.ndarray
+    energy: np.ndarray
+    charge: np.ndarray
+    label: np.ndarray
+    cell: np.ndarray | None = None
+    pbc: np.ndarray | None = None
+    split: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.numbers = np.asarray(self.numbers, dtype=np.int64)
+        self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
+        self.forces = np.asarray(self.forces, dtype=np.float64).reshape(-1, 3)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.energy = np.asarray(self.energy, dtype=np.float64)
+        self.charge = np.asarray(self.charge, dtype=np.int64)
+        self.label = np.asarray(self.label, dtype=object)
+        if self.cell is not None:
+            self.cell = np.asarray(self.cell, dtype=np.float64).reshape(-1, 3, 3)
+        if self.pbc is not None:
+            self.pbc = np.asarray(self.pbc, dtype=bool).reshape(-1, 3)
+        self.split = {k: np.asarray(v, dtype=np.int64) for k, v in self.split.items()}
+
+    def __len__(self) -> int:
+        return len(self.energy)
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        """(n,) number of atoms per structure."""
+        return np.diff(self.offsets)
+
+    @property
+    def structure_index(self) -> np.ndarray:
+        """(N,) index of the structure each atom belongs to."""
+        return np.repeat(np.arange(len(self)), self.n_atoms)
+
+    @property
+    def is_periodic(self) -> bool:
+        return self.pbc is not None and bool(self.pbc.any())
+
+    def atoms(self, i: int) -> Atoms:
+        """Structure ``i`` as ASE ``Atoms`` with a single-point calculator holding its labels."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        atoms = Atoms(
+            numbers=self.numbers[a:b],
+            positions=self.positions[a:b],
+            cell=None if self.cell is None else self.cell[i],
+            pbc=False if self.pbc is None else self.pbc[i],
+        )
+        atoms.info["charge"] = int(self.charge[i])
+        atoms.info["label"] = str(self.label[i])
+        for name, idx in self.split.items():
+            if np.any(idx == i):
+                atoms.info["split"] = name
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=float(self.energy[i]), forces=self.forces[a:b].copy()
+        )
+        return atoms
+
+    def subset(self, indices: np.ndarray) -> StructureSet:
+        """The structures ``indices`` (in that order); splits are dropped, attrs kept."""
+        indices = np.asarray(indices, dtype=np.int64)
+        counts = self.n_atoms[indices]
+        starts = self.offsets[indices]
+        rows = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        rows = rows + np.arange(counts.sum())
+        return replace(
+            self,
+            numbers=self.numbers[rows],
+            positions=self.positions[rows],
+            forces=self.forces[rows],
+            offsets=np.concatenate([[0], np.cumsum(counts)]),
+            energy=self.energy[indices],
+            charge=self.charge[indices],
+            label=self.label[indices],
+            cell=None if self.cell is None else self.cell[indices],
+            pbc=None if self.pbc is None else self.pbc[indices],
+            split={},
+            attrs=dict(self.attrs),
+        )
+
+    def split_subset(self, name: str) -> StructureSet:
+        """The structures of split ``name`` (e.g. ``"train"``)."""
+        if name not in self.split:
+            raise DataError(f"no split named {name!r}; the set has {sorted(self.split) or 'none'}")
+        return self.subset(self.split[name])
+
+    @classmethod
+    def from_atoms(cls, images: list[Atoms], default_charge: int = 0, source: str = "") -> StructureSet:
+        """Build a set from ASE ``Atoms`` whose calculators carry energy and forces.
+
+        Charge comes from ``atoms.info["charge"]`` (else ``default_charge``), the label from
+        ``atoms.info["label"]`` (else the chemical formula) and the split from
+        ``atoms.info["split"]`` when every image has one. ``source`` names the input in errors.
+        """
+        where = f"{source}: " if source else ""
+        energies, forces = [], []
+        for i, atoms in enumerate(images):
+            results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+            if "energy" not in results:
+                raise DataError(f"{where}structure {i}: missing energy")
+            if "forces" not in results:
+                raise DataError(f"{where}structure {i}: missing forces")
+            energies.append(float(results["energy"]))
+            forces.append(np.asarray(results["forces"], dtype=np.float64))
+            if forces[-1].shape != (len(atoms), 3):
+                raise DataError(
+                    f"{where}structure {i}: forces have shape {forces[-1].shape}, "
+                    f"expected ({len(atoms)}, 3)"
+                )
+        counts = [len(a) for a in images]
+        periodic = any(a.pbc.any() for a in images)
+        splits = [a.info.get("split") for a in images]
+        split = {}
+        if images and all(s is not None for s in splits):
+            names = np.asarray(splits, dtype=object)
+            split = {str(s): np.flatnonzero(names == s) for s in dict.fromkeys(splits)}
+        return cls(
+            numbers=np.concatenate([a.numbers for a in images]) if images else np.zeros(0),
+            positions=np.concatenate([a.positions for a in images]) if images else np.zeros((0, 3)),
+            forces=np.concatenate(forces) if images else np.zeros((0, 3)),
+            offsets=np.concatenate([[0], np.cumsum(counts)]),
+            energy=np.asarray(energies),
+            charge=np.asarray([int(a.info.get("charge", default_charge)) for a in images]),
+            label=np.asarray([str(a.info.get("label", a.get_chemical_formula())) for a in images]),
+            cell=np.stack([a.cell.array for a in images]) if periodic else None,
+            pbc=np.stack([a.pbc for a in images]) if periodic else None,
+            split=split,
+        )
+
+
+def concatenate(sets: list[StructureSet]) -> StructureSet:
+    """Join structure sets in order; splits are dropped, attrs of the first set kept."""
+    if not sets:
+        raise DataError("nothing to concatenate")
+    periodic = any(s.cell is not None for s in sets)
+
+    def cells(s: StructureSet) -> np.ndarray:
+        return s.cell if s.cell is not None else np.zeros((len(s), 3, 3))
+
+    def pbcs(s: StructureSet) -> np.ndarray:
+        return s.pbc if s.pbc is not None else np.zeros((len(s), 3), dtype=bool)
+
+    starts = np.cumsum([0] + [s.offsets[-1] for s in sets[:-1]])
+    return StructureSet(
+        numbers=np.concatenate([s.numbers for s in sets]),
+        positions=np.concatenate([s.positions for s in sets]),
+        forces=np.concatenate([s.forces for s in sets]),
+        offsets=np.concatenate([[0]] + [s.offsets[1:] + o for s, o in zip(sets, starts)]),
+        energy=np.concatenate([s.energy for s in sets]),
+        charge=np.concatenate([s.charge for s in sets]),
+        label=np.concatenate([s.label for s in sets]),
+        cell=np.concatenate([cells(s) for s in sets]) if periodic else None,
+        pbc=np.concatenate([pbcs(s) for s in sets]) if periodic else None,
+        attrs=dict(sets[0].attrs),
+    )
+
+
+def stratified_split(
+    label: np.ndarray, test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A seeded train/test split that takes ``test_fraction`` of every label group.
+
+    Returns sorted structure indices ``{"train": ..., "test": ...}``. Labels that occur only
+    once are pooled into one group.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    names, group, counts = np.unique(np.asarray(label, dtype=str), return_inverse=True,
+                                     return_counts=True)
+    group = np.where(counts[group] > 1, group, len(names))
+    test = []
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        n_test = int(round(test_fraction * len(members)))
+        test.append(rng.permutation(members)[:n_test])
+    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(label)), test_idx)
+    return {"train": train_idx, "test": test_idx}

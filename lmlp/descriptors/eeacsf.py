@@ -1,0 +1,259 @@
+"""Element-embracing atom-centred symmetry functions (eeACSFs, spec §1) and plain ACSFs.
+
+Both kinds share one computation: every pair (i, j) contributes radial terms times a neighbour
+weight vector w(Z_j) (T entries), every triple (i, j, k), j < k, contributes angular terms times a
+pair weight vector W(Z_j, Z_k) (U entries). Only the weight tables differ:
+
+- eeACSF: w_t(Z) = h_t(Z) / max_t for the configured weight types t, and W either the "sum"
+  (w_t(Z_j) + w_t(Z_k)) / 2 or the "difference" (|h_t(Z_j) − h_t(Z_k)| + 1) / max_t. The length
+  does not depend on the elements present.
+- plain ACSF: w is one-hot over the elements and W one-hot over unordered element pairs, which
+  reproduces Behler's G2 and G4/G5 functions split per element (pair).
+
+Function order: radial (T, K) then angular (U, E, L), each flattened row-major, with K the
+(η, r_s) pairs, E the angular η and L the (λ, ζ) combinations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.func import jacfwd, vmap
+
+from lmlp.descriptors.neighbors import find_neighbors, find_triples
+from lmlp.descriptors.terms import angular_terms, radial_terms
+from lmlp.elements import MAX_Z, WEIGHT_TYPE_MAX, weight_table
+
+if TYPE_CHECKING:
+    from lmlp.config import DescriptorConfig
+
+
+@dataclass
+class Derivatives:
+    """Sparse dG/dR: ``values[m]`` is dG_{centre[m]} / dR_{atom[m]}.
+
+    Attributes:
+        centre: (M,) int64 atom whose descriptor is differentiated.
+        atom: (M,) int64 atom that moves.
+        values: (M, F, 3) in descriptor units per Å.
+
+    Slots 0..N−1 are the self terms (centre = atom); the rest are one per directed pair.
+    """
+
+    centre: torch.Tensor
+    atom: torch.Tensor
+    values: torch.Tensor
+
+    def forces(self, dE_dG: torch.Tensor, n_atoms: int) -> torch.Tensor:
+        """F = −∂E/∂R from dE/dG (N, F) (or (M_models, N, F)); returns (N, 3) (or (M_models, N, 3))."""
+        contribution = torch.einsum("...mf,mfc->...mc", dE_dG[..., self.centre, :], self.values)
+        out = torch.zeros(*dE_dG.shape[:-2], n_atoms, 3, dtype=contribution.dtype, device=contribution.device)
+        return -out.index_add_(-2, self.atom, contribution)
+
+
+class SymmetryFunctions(torch.nn.Module):
+    """eeACSF or plain-ACSF descriptor of every atom of a batch of structures.
+
+    Args:
+        cutoff: R_c in Å.
+        radial_eta, radial_rs: paired (η in Å⁻², r_s in Å) of the radial functions.
+        angular_eta: η of the angular functions, Å⁻².
+        angular_lambda, angular_zeta: every combination (λ, ζ) is used.
+        radial_types, angular_types: eeACSF weight types t (0..6).
+        angular_pair_weights: "sum" and/or "difference" (the difference is skipped for t = 0,
+            where it equals the sum).
+        angular_form: "g5" (no r_jk factor) or "g4".
+        kind: "eeacsf" or "acsf" (plain, per element; needs ``elements``).
+        elements: atomic numbers, for ``kind="acsf"``.
+    """
+
+    def __init__(
+        self,
+        cutoff: float,
+        radial_eta: list[float],
+        radial_rs: list[float],
+        angular_eta: list[float],
+        angular_lambda: list[float],
+        angular_zeta: list[float],
+        radial_types: list[int] = (0,),
+        angular_types: list[int] = (0,),
+        angular_pair_weights: list[str] = ("sum",),
+        angular_form: str = "g5",
+        kind: str = "eeacsf",
+        elements: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.g4 = angular_form == "g4"
+        self.kind = kind
+        combos = list(itertools.product(angular_lambda, angular_zeta))
+        f64 = torch.float64
+        self.register_buffer("radial_eta", torch.tensor(radial_eta, dtype=f64))
+        self.register_buffer("radial_rs", torch.tensor(radial_rs, dtype=f64))
+        self.register_buffer("angular_eta", torch.tensor(angular_eta, dtype=f64))
+        self.register_buffer("angular_lambda", torch.tensor([c[0] for c in combos], dtype=f64))
+        self.register_buffer("angular_zeta", torch.tensor([c[1] for c in combos], dtype=f64))
+        if kind == "eeacsf":
+            w, pw = eeacsf_weights(radial_types, angular_types, angular_pair_weights)
+        elif kind == "acsf":
+            if not elements:
+                raise ValueError("plain ACSFs need the list of elements")
+            w, pw = acsf_weights(elements)
+        else:
+            raise ValueError(f"unknown descriptor kind {kind!r}")
+        self.register_buffer("neighbor_weights", torch.from_numpy(w))
+        self.register_buffer("pair_weights", torch.from_numpy(pw))
+
+    @classmethod
+    def from_config(cls, cfg: DescriptorConfig, elements: list[int] | None = None) -> SymmetryFunctions:
+        """The descriptor a ``descriptor:`` config section describes (``elements`` for plain ACSFs)."""
+        return cls(
+            cutoff=cfg.cutoff,
+            radial_eta=cfg.radial_eta,
+            radial_rs=cfg.radial_rs,
+            angular_eta=cfg.angular_eta,
+            angular_lambda=cfg.angular_lambda,
+            angular_zeta=cfg.angular_zeta,
+            radial_types=cfg.radial_types,
+            angular_types=cfg.angular_types,
+            angular_pair_weights=cfg.angular_pair_weights,
+            angular_form=cfg.angular_form,
+            kind=cfg.kind,
+            elements=elements,
+        )
+
+    @property
+    def n_radial(self) -> int:
+        return self.neighbor_weights.shape[1] * len(self.radial_eta)
+
+    @property
+    def n_functions(self) -> int:
+        n_angular = self.pair_weights.shape[2] * len(self.angular_eta) * len(self.angular_zeta)
+        return self.n_radial + n_angular
+
+    def forward(
+        self,
+        numbers: torch.Tensor,
+        positions: torch.Tensor,
+        offsets: torch.Tensor,
+        cells: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Descriptors G (N, F); differentiable in ``positions`` (N, 3) Å (the autograd path)."""
+        nb = find_neighbors(positions, offsets, self.cutoff, cells, pbc)
+        vectors = nb.vectors(positions)
+        triples = find_triples(nb.pairs, len(numbers))
+        wn, wp = self._weights(numbers, nb.pairs, triples, positions.dtype)
+        rad = radial_terms(vectors, *self._radial_params(positions.dtype), self.cutoff)
+        ang = angular_terms(vectors[triples[0]], vectors[triples[1]], *self._angular_params(positions.dtype),
+                            self.cutoff, self.g4)
+        g_rad = (wn[:, :, None] * rad[:, None, :]).flatten(1)
+        g_ang = (wp[:, :, None, None] * ang[:, None]).flatten(1)
+        G = positions.new_zeros(len(numbers), self.n_functions)
+        G[:, : self.n_radial].index_add_(0, nb.pairs[0], g_rad)
+        G[:, self.n_radial :].index_add_(0, nb.pairs[0, triples[0]], g_ang)
+        return G
+
+    def with_derivatives(
+        self,
+        numbers: torch.Tensor,
+        positions: torch.Tensor,
+        offsets: torch.Tensor,
+        cells: torch.Tensor | None = None,
+        pbc: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Derivatives]:
+        """Descriptors G (N, F) and their sparse derivatives dG/dR (forward-mode, exact)."""
+        positions = positions.detach()
+        n = len(numbers)
+        dtype = positions.dtype
+        nb = find_neighbors(positions, offsets, self.cutoff, cells, pbc)
+        vectors = nb.vectors(positions)
+        triples = find_triples(nb.pairs, n)
+        wn, wp = self._weights(numbers, nb.pairs, triples, dtype)
+        radial = self._radial_params(dtype)
+        angular = self._angular_params(dtype)
+
+        def rad_fn(v: torch.Tensor) -> torch.Tensor:
+            return radial_terms(v, *radial, self.cutoff)
+
+        def ang_fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return angular_terms(a, b, *angular, self.cutoff, self.g4).flatten()
+
+        rad = rad_fn(vectors)
+        d_rad = vmap(jacfwd(rad_fn))(vectors)  # (P, K, 3)
+        v_j, v_k = vectors[triples[0]], vectors[triples[1]]
+        ang = angular_terms(v_j, v_k, *angular, self.cutoff, self.g4).flatten(1)
+        d_ang_j, d_ang_k = vmap(jacfwd(ang_fn, argnums=(0, 1)))(v_j, v_k)  # (Q, EL, 3) each
+
+        G = positions.new_zeros(n, self.n_functions)
+        G[:, : self.n_radial].index_add_(0, nb.pairs[0], (wn[:, :, None] * rad[:, None, :]).flatten(1))
+        centre_q = nb.pairs[0, triples[0]]
+        G[:, self.n_radial :].index_add_(0, centre_q, (wp[:, :, None] * ang[:, None]).flatten(1))
+
+        n_pairs = nb.pairs.shape[1]
+        values = positions.new_zeros(n + n_pairs, self.n_functions, 3)
+        dr = (wn[:, :, None, None] * d_rad[:, None]).flatten(1, 2)  # (P, T*K, 3)
+        values[n:, : self.n_radial] = dr
+        values[:, : self.n_radial].index_add_(0, nb.pairs[0], -dr)
+        da_j = (wp[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2)  # (Q, U*EL, 3)
+        da_k = (wp[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2)
+        values[:, self.n_radial :].index_add_(0, n + triples[0], da_j)
+        values[:, self.n_radial :].index_add_(0, n + triples[1], da_k)
+        values[:, self.n_radial :].index_add_(0, centre_q, -(da_j + da_k))
+        self_slots = torch.arange(n, device=positions.device)
+        derivatives = Derivatives(
+            centre=torch.cat([self_slots, nb.pairs[0]]),
+            atom=torch.cat([self_slots, nb.pairs[1]]),
+            values=values,
+        )
+        return G, derivatives
+
+    def _weights(
+        self, numbers: torch.Tensor, pairs: torch.Tensor, triples: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbour weights (P, T) and pair weights (Q, U)."""
+        z_j = numbers[pairs[1]]
+        wn = self.neighbor_weights.to(dtype)[z_j]
+        wp = self.pair_weights.to(dtype)[z_j[triples[0]], z_j[triples[1]]]
+        return wn, wp
+
+    def _radial_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.radial_eta.to(dtype), self.radial_rs.to(dtype)
+
+    def _angular_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.angular_eta.to(dtype), self.angular_lambda.to(dtype), self.angular_zeta.to(dtype)
+
+
+def eeacsf_weights(
+    radial_types: list[int], angular_types: list[int], pair_kinds: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """eeACSF weight tables: (MAX_Z + 1, T) neighbour weights and (MAX_Z + 1, MAX_Z + 1, U) pair weights."""
+    h = weight_table()
+    w = h / WEIGHT_TYPE_MAX
+    neighbor = w[:, list(radial_types)]
+    columns = []
+    for t in angular_types:
+        for kind in pair_kinds:
+            if kind == "sum":
+                columns.append((w[:, None, t] + w[None, :, t]) / 2)
+            elif kind == "difference" and t != 0:
+                columns.append((np.abs(h[:, None, t] - h[None, :, t]) + 1) / WEIGHT_TYPE_MAX[t])
+            elif kind != "difference":
+                raise ValueError(f"unknown pair weight {kind!r}")
+    return neighbor, np.stack(columns, axis=-1)
+
+
+def acsf_weights(elements: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-ACSF weight tables: one-hot per element, and per unordered element pair (a ≤ b)."""
+    elements = sorted(elements)
+    neighbor = np.zeros((MAX_Z + 1, len(elements)))
+    neighbor[elements, np.arange(len(elements))] = 1.0
+    pairs = list(itertools.combinations_with_replacement(elements, 2))
+    pair = np.zeros((MAX_Z + 1, MAX_Z + 1, len(pairs)))
+    for u, (a, b) in enumerate(pairs):
+        pair[a, b, u] = pair[b, a, u] = 1.0
+    return neighbor, pair

@@ -1,0 +1,50 @@
+"""Small labelled structure sets made on the fly, for tests (importable as ``factories``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from lmlp.data import StructureSet, stratified_split
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "data" / "sn2_tiny.h5"
+
+
+def random_molecules(n: int = 20, seed: int = 0, sizes: tuple[int, ...] = (6, 7)) -> StructureSet:
+    """``n`` random molecules of the given sizes (C, H, F, Cl, Br, I) with random labels.
+
+    Atoms sit on a jittered grid, so no two are closer than 1 Å.
+    """
+    rng = np.random.default_rng(seed)
+    counts = rng.choice(sizes, size=n)
+    grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * 1.6
+    positions = np.concatenate(
+        [grid[rng.permutation(len(grid))[:c]] + rng.uniform(-0.2, 0.2, (c, 3)) for c in counts]
+    )
+    total = int(counts.sum())
+    s = StructureSet(
+        numbers=rng.choice([1, 6, 9, 17, 35, 53], size=total),
+        positions=positions,
+        forces=rng.normal(size=(total, 3)),
+        offsets=np.concatenate([[0], np.cumsum(counts)]),
+        energy=rng.normal(-300.0, 10.0, size=n),
+        charge=np.full(n, -1),
+        label=rng.choice(["F+CH3Cl", "Cl+CH3F", "Br+CH3I"], size=n),
+        attrs={"method": "random", "program": "tests", "program_version": "0"},
+    )
+    s.split = stratified_split(s.label, 0.2, seed)
+    return s
+
+
+def assert_sets_equal(a: StructureSet, b: StructureSet) -> None:
+    """Exact equality of every array, the split and the cell/pbc presence."""
+    for name in ("numbers", "positions", "forces", "offsets", "energy", "charge", "label"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert (a.cell is None) == (b.cell is None)
+    if a.cell is not None:
+        np.testing.assert_array_equal(a.cell, b.cell)
+        np.testing.assert_array_equal(a.pbc, b.pbc)
+    assert sorted(a.split) == sorted(b.split)
+    for name in a.split:
+        np.testing.assert_array_equal(a.split[name], b.split[name])

@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from factories import TINY
+
+from lmlp.data import read_structures, write_structures
+
+
+def lmlp(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmlp", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def test_help_lists_commands():
+    top = lmlp("--help")
+    assert top.returncode == 0 and "data" in top.stdout and "config" in top.stdout
+    data = lmlp("data", "--help")
+    assert data.returncode == 0
+    for command in ("info", "convert", "generate"):
+        assert command in data.stdout
+
+
+def test_data_info_on_shipped_tiny_set():
+    result = lmlp("data", "info", TINY)
+    assert result.returncode == 0, result.stderr
+    assert "GFN2-xTB" in result.stdout
+    assert "eV/Angstrom" in result.stdout
+    summary = json.loads(lmlp("data", "info", TINY, "--json").stdout)
+    s, _ = read_structures(TINY)
+    assert summary["n_structures"] == len(s)
+    assert summary["split_sizes"] == {k: len(v) for k, v in s.split.items()}
+
+
+def test_convert_round_trip_and_skip_report(tmp_path, molecules):
+    molecules.energy[5] = float("nan")
+    write_structures(tmp_path / "bad.h5", molecules)
+    failed = lmlp("data", "convert", tmp_path / "bad.h5", tmp_path / "out.extxyz")
+    assert failed.returncode == 1
+    assert failed.stderr.count("\n") == 1 and "structure 5" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    ok = lmlp("data", "convert", tmp_path / "bad.h5", tmp_path / "out.extxyz", "--skip-invalid")
+    assert ok.returncode == 0, ok.stderr
+    assert "skipped structure 5: non-finite energy" in ok.stderr
+    assert "wrote 19 structures" in ok.stdout
+
+
+@pytest.mark.parametrize("args", [("data", "info", "absent.h5"), ("config", "check", "absent.yaml")])
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args):
+    result = lmlp(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "absent" in result.stderr
