@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from lmlp.config import DescriptorConfig
 
 
+TRIPLES_PER_BLOCK = 16384
+"""Triples whose derivatives are computed at once (bounds temporaries to a few tens of MB)."""
+
+
 @dataclass
 class Derivatives:
     """Sparse dG/dR: ``values[m]`` is dG_{centre[m]} / dR_{atom[m]}.
@@ -185,25 +189,23 @@ class SymmetryFunctions(torch.nn.Module):
 
         rad = rad_fn(vectors)
         d_rad = vmap(jacfwd(rad_fn))(vectors)  # (P, K, 3)
-        v_j, v_k = vectors[triples[0]], vectors[triples[1]]
-        ang = angular_terms(v_j, v_k, *angular, self.cutoff, self.g4).flatten(1)
-        d_ang_j, d_ang_k = vmap(jacfwd(ang_fn, argnums=(0, 1)))(v_j, v_k)  # (Q, EL, 3) each
-
         G = positions.new_zeros(n, self.n_functions)
         G[:, : self.n_radial].index_add_(0, nb.pairs[0], (wn[:, :, None] * rad[:, None, :]).flatten(1))
-        centre_q = nb.pairs[0, triples[0]]
-        G[:, self.n_radial :].index_add_(0, centre_q, (wp[:, :, None] * ang[:, None]).flatten(1))
+        pair_values = positions.new_zeros(nb.pairs.shape[1], self.n_functions, 3)
+        pair_values[:, : self.n_radial] = (wn[:, :, None, None] * d_rad[:, None]).flatten(1, 2)
 
-        n_pairs = nb.pairs.shape[1]
-        values = positions.new_zeros(n + n_pairs, self.n_functions, 3)
-        dr = (wn[:, :, None, None] * d_rad[:, None]).flatten(1, 2)  # (P, T*K, 3)
-        values[n:, : self.n_radial] = dr
-        values[:, : self.n_radial].index_add_(0, nb.pairs[0], -dr)
-        da_j = (wp[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2)  # (Q, U*EL, 3)
-        da_k = (wp[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2)
-        values[:, self.n_radial :].index_add_(0, n + triples[0], da_j)
-        values[:, self.n_radial :].index_add_(0, n + triples[1], da_k)
-        values[:, self.n_radial :].index_add_(0, centre_q, -(da_j + da_k))
+        angular_G, angular_values = G[:, self.n_radial :], pair_values[:, self.n_radial :]
+        for block in torch.split(torch.arange(triples.shape[1], device=positions.device), TRIPLES_PER_BLOCK):
+            t, w = triples[:, block], wp[block]
+            v_j, v_k = vectors[t[0]], vectors[t[1]]
+            ang = angular_terms(v_j, v_k, *angular, self.cutoff, self.g4).flatten(1)
+            d_ang_j, d_ang_k = vmap(jacfwd(ang_fn, argnums=(0, 1)))(v_j, v_k)  # (Q, EL, 3) each
+            angular_G.index_add_(0, nb.pairs[0, t[0]], (w[:, :, None] * ang[:, None]).flatten(1))
+            angular_values.index_add_(0, t[0], (w[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2))
+            angular_values.index_add_(0, t[1], (w[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2))
+        # Translation invariance: dG_i/dR_i = −Σ_j dG_i/dR_j over the pair slots of centre i.
+        self_values = positions.new_zeros(n, self.n_functions, 3).index_add_(0, nb.pairs[0], -pair_values)
+        values = torch.cat([self_values, pair_values])
         self_slots = torch.arange(n, device=positions.device)
         derivatives = Derivatives(
             centre=torch.cat([self_slots, nb.pairs[0]]),

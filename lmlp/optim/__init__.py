@@ -1,0 +1,6 @@
+"""Optimizers: the CoRe optimizer and a registry of the ten optimizers of the CoRe benchmark."""
+
+from lmlp.optim.core import CoRe
+from lmlp.optim.registry import OPTIMIZERS, build_optimizer
+
+__all__ = ["OPTIMIZERS", "CoRe", "build_optimizer"]
