@@ -91,6 +91,14 @@ class SymmetryFunctions(torch.nn.Module):
         elements: list[int] | None = None,
     ) -> None:
         super().__init__()
+        self.hyperparameters = dict(
+            cutoff=float(cutoff), radial_eta=list(radial_eta), radial_rs=list(radial_rs),
+            angular_eta=list(angular_eta), angular_lambda=list(angular_lambda),
+            angular_zeta=list(angular_zeta), radial_types=list(radial_types),
+            angular_types=list(angular_types), angular_pair_weights=list(angular_pair_weights),
+            angular_form=angular_form, kind=kind, elements=None if elements is None else list(elements),
+        )
+        """The constructor arguments, to rebuild the descriptor from a model file."""
         self.cutoff = float(cutoff)
         self.g4 = angular_form == "g4"
         self.kind = kind

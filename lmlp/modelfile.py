@@ -1,0 +1,68 @@
+"""Self-contained model files (``model.pt``): everything needed to rebuild and run an ensemble.
+
+A model file is a ``torch.save`` dictionary with: ``format`` ("lmlp.model"), ``format_version``,
+``lmlp_version``, ``units`` (energy eV, length Angstrom, forces eV/Angstrom), ``descriptor``
+(the symmetry-function parameters), ``network`` (hidden widths, activation, members, seed),
+``elements``, ``state_dict`` (weights, standardisation, reference energies) and ``metadata``
+(free-form: per-member test RMSEs, config, data hash, ...). Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lmlp
+from lmlp.descriptors import Standardizer, SymmetryFunctions
+from lmlp.errors import LmlpError
+from lmlp.fileio import atomic_path
+from lmlp.model import HDNNPEnsemble
+
+FORMAT = "lmlp.model"
+FORMAT_VERSION = 1
+UNITS = {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
+
+
+def save_model(path: str | os.PathLike, model: HDNNPEnsemble, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``model`` and ``metadata`` to ``path`` atomically."""
+    content = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lmlp_version": lmlp.__version__,
+        "units": UNITS,
+        "descriptor": model.descriptor.hyperparameters,
+        "network": model.hyperparameters,
+        "elements": model.elements.tolist(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "state_dict": model.state_dict(),
+        "metadata": metadata or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(content, tmp)
+
+
+def load_model(path: str | os.PathLike) -> tuple[HDNNPEnsemble, dict[str, Any]]:
+    """Rebuild the ensemble stored in ``path``; return it (eval mode) and its metadata."""
+    if not Path(path).is_file():
+        raise LmlpError(f"{path}: no such model file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise LmlpError(f"{path}: not a readable model file (truncated or corrupted?): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise LmlpError(f"{path}: not an lmlp model file")
+    if content["format_version"] > FORMAT_VERSION:
+        raise LmlpError(f"{path}: model format {content['format_version']} is newer than this lmlp "
+                        f"reads ({FORMAT_VERSION}); upgrade lmlp")
+    state = content["state_dict"]
+    descriptor = SymmetryFunctions(**content["descriptor"])
+    standardizer = Standardizer(state["standardizer.mean"], state["standardizer.std"])
+    model = HDNNPEnsemble(descriptor, standardizer, content["elements"], state["reference_energies"],
+                          **content["network"])
+    model.to(getattr(torch, content["dtype"]))
+    model.load_state_dict(state)
+    return model.eval(), content["metadata"]
