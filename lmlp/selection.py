@@ -1,0 +1,82 @@
+"""Lifelong adaptive data selection (lADS, spec §6).
+
+Every training structure s carries a selection weight p_s in [p_min, p_max]. Each epoch a fit
+fraction f of the structures is drawn without replacement with probability ∝ p_s ("adaptive") or
+uniformly ("random", the baseline). After the fit, a fitted structure's weight is multiplied by
+``raise_factor`` where its loss exceeds ``error_threshold`` × the reference loss level (the
+current mean training loss), else by ``lower_factor``, and clipped to [p_min, p_max]. Weights
+never reach 0, so old structures keep being rehearsed; structures added later enter with p_new.
+A structure fitted at p_max ``outlier_epochs`` times in a row is reported (likely bad reference
+data), never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lmlp.config import SelectionConfig
+
+
+class DataSelection:
+    """Selection weights and the random stream that draws from them.
+
+    Args:
+        cfg: the ``selection:`` config section.
+        n_structures: number of training structures at the start (weights p_init).
+        seed: seed of the drawing stream.
+    """
+
+    def __init__(self, cfg: SelectionConfig, n_structures: int, seed: int) -> None:
+        self.cfg = cfg
+        self.weights = torch.full((n_structures,), cfg.p_init, dtype=torch.float64)
+        self.at_max = torch.zeros(n_structures, dtype=torch.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    @property
+    def n_fit(self) -> int:
+        """Structures fitted per epoch: ceil(f · n), at least 1."""
+        return max(1, math.ceil(self.cfg.fit_fraction * len(self)))
+
+    def select(self) -> torch.Tensor:
+        """(n_fit,) distinct structure indices for this epoch, sorted."""
+        if self.cfg.mode == "random":
+            chosen = torch.randperm(len(self), generator=self.generator)[: self.n_fit]
+        else:
+            chosen = torch.multinomial(self.weights, self.n_fit, replacement=False, generator=self.generator)
+        return torch.sort(chosen).values
+
+    def update(self, indices: torch.Tensor, losses: torch.Tensor, reference: float) -> torch.Tensor:
+        """Adapt the weights of the fitted ``indices`` from their ``losses``; return new outliers.
+
+        ``reference`` is the current training loss level (same units as ``losses``). Returns the
+        indices that have just reached ``outlier_epochs`` consecutive fits at p_max. In "random"
+        mode the weights are still tracked, so switching modes keeps the history.
+        """
+        cfg = self.cfg
+        high = losses.to(torch.float64) > cfg.error_threshold * reference
+        factor = torch.where(high, cfg.raise_factor, cfg.lower_factor).to(torch.float64)
+        self.weights[indices] = (self.weights[indices] * factor).clamp(cfg.p_min, cfg.p_max)
+        at_max = self.weights[indices] >= cfg.p_max
+        self.at_max[indices] = torch.where(at_max, self.at_max[indices] + 1, 0)
+        return indices[self.at_max[indices] == cfg.outlier_epochs]
+
+    def add(self, n_new: int) -> None:
+        """Append ``n_new`` structures (lifelong learning) with weight p_new."""
+        self.weights = torch.cat([self.weights, torch.full((n_new,), self.cfg.p_new, dtype=torch.float64)])
+        self.at_max = torch.cat([self.at_max, torch.zeros(n_new, dtype=torch.int64)])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, outlier counters and the random stream, for checkpoints."""
+        return {"weights": self.weights.clone(), "at_max": self.at_max.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights = state["weights"].clone()
+        self.at_max = state["at_max"].clone()
+        self.generator.set_state(state["generator"])

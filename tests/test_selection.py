@@ -1,0 +1,62 @@
+import torch
+
+from lmlp.config import SelectionConfig
+from lmlp.selection import DataSelection
+
+
+def test_selects_fit_fraction_of_distinct_structures():
+    sel = DataSelection(SelectionConfig(fit_fraction=0.1), 95, seed=0)
+    chosen = sel.select()
+    assert len(chosen) == 10 == len(set(chosen.tolist()))
+    assert chosen.min() >= 0 and chosen.max() < 95
+
+
+def test_weights_rise_for_high_loss_fall_for_low_loss_and_stay_in_bounds():
+    cfg = SelectionConfig(p_min=0.5, p_max=4.0, p_init=1.0, raise_factor=2.0, lower_factor=0.5)
+    sel = DataSelection(cfg, 4, seed=0)
+    idx = torch.tensor([0, 1, 2])
+    for _ in range(5):
+        sel.update(idx, torch.tensor([3.0, 0.1, 1.0]), reference=1.0)
+    assert sel.weights.tolist() == [4.0, 0.5, 0.5, 1.0]
+    assert (sel.weights > 0).all()
+
+
+def test_adaptive_selection_prefers_heavy_structures():
+    sel = DataSelection(SelectionConfig(fit_fraction=0.1), 100, seed=1)
+    sel.weights[:10] = 10.0
+    sel.weights[10:] = 0.1
+    counts = torch.zeros(100)
+    for _ in range(200):
+        counts[sel.select()] += 1
+    assert counts[:10].mean() > 10 * counts[10:].mean()
+
+
+def test_random_mode_is_uniform():
+    sel = DataSelection(SelectionConfig(mode="random", fit_fraction=0.5), 10, seed=2)
+    sel.weights[:5] = 10.0
+    counts = torch.zeros(10)
+    for _ in range(2000):
+        counts[sel.select()] += 1
+    assert (counts / 2000 - 0.5).abs().max() < 0.05
+
+
+def test_new_structures_enter_high_and_outliers_are_reported():
+    cfg = SelectionConfig(p_max=2.0, p_new=2.0, outlier_epochs=3, raise_factor=2.0)
+    sel = DataSelection(cfg, 3, seed=0)
+    sel.add(2)
+    assert sel.weights.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
+    idx = torch.tensor([1, 3])
+    reported = [sel.update(idx, torch.tensor([5.0, 5.0]), reference=1.0).tolist() for _ in range(4)]
+    assert reported == [[], [], [1, 3], []]  # reported once, at the third fit in a row at p_max
+
+
+def test_state_round_trip_continues_the_same_stream():
+    sel = DataSelection(SelectionConfig(), 50, seed=3)
+    sel.update(sel.select(), torch.rand(5, generator=torch.Generator().manual_seed(0)), 0.5)
+    state = sel.state_dict()
+    expected = [sel.select() for _ in range(3)]
+    other = DataSelection(SelectionConfig(), 50, seed=99)
+    other.load_state_dict(state)
+    for want in expected:
+        torch.testing.assert_close(other.select(), want)
+    torch.testing.assert_close(other.weights, sel.weights)
