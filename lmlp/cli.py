@@ -124,6 +124,16 @@ def data_generate(
     )
 
 
+@app.command("train")
+def train_command(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
+    from lmlp.config import load_config
+    from lmlp.training import format_table, train
+
+    result = train(load_config(config))
+    typer.echo(format_table(result))
+
+
 @config_app.command("check")
 def config_check(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
     """Validate a config file."""

@@ -187,8 +187,11 @@ class SelectionConfig:
     """Weight factor for a fitted structure whose loss is at or below the threshold."""
     error_threshold: float = _field(1.0, gt=0)
     """Threshold as a multiple of the current mean training loss."""
-    outlier_epochs: int = _field(50, ge=1)
-    """Consecutive fits at p_max after which a structure is reported as a likely outlier."""
+    outlier_epochs: int = _field(10, ge=1)
+    """Consecutive fits above ``outlier_factor`` × the training loss after which a structure is
+    reported as a likely outlier (bad reference data)."""
+    outlier_factor: float = _field(25.0, gt=1)
+    """Loss multiple (of the current mean training loss) that counts as an extreme error."""
 
     def validate(self) -> None:
         """p_min ≤ p_init ≤ p_max and p_min ≤ p_new ≤ p_max."""

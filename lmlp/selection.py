@@ -6,8 +6,8 @@ uniformly ("random", the baseline). After the fit, a fitted structure's weight i
 ``raise_factor`` where its loss exceeds ``error_threshold`` × the reference loss level (the
 current mean training loss), else by ``lower_factor``, and clipped to [p_min, p_max]. Weights
 never reach 0, so old structures keep being rehearsed; structures added later enter with p_new.
-A structure fitted at p_max ``outlier_epochs`` times in a row is reported (likely bad reference
-data), never dropped.
+A structure whose loss exceeds ``outlier_factor`` × the reference level in ``outlier_epochs``
+consecutive fits is reported (likely bad reference data), never dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class DataSelection:
     def __init__(self, cfg: SelectionConfig, n_structures: int, seed: int) -> None:
         self.cfg = cfg
         self.weights = torch.full((n_structures,), cfg.p_init, dtype=torch.float64)
-        self.at_max = torch.zeros(n_structures, dtype=torch.int64)
+        self.extreme = torch.zeros(n_structures, dtype=torch.int64)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -55,28 +55,28 @@ class DataSelection:
         """Adapt the weights of the fitted ``indices`` from their ``losses``; return new outliers.
 
         ``reference`` is the current training loss level (same units as ``losses``). Returns the
-        indices that have just reached ``outlier_epochs`` consecutive fits at p_max. In "random"
+        indices that have just reached ``outlier_epochs`` consecutive extreme losses. In "random"
         mode the weights are still tracked, so switching modes keeps the history.
         """
         cfg = self.cfg
         high = losses.to(torch.float64) > cfg.error_threshold * reference
         factor = torch.where(high, cfg.raise_factor, cfg.lower_factor).to(torch.float64)
         self.weights[indices] = (self.weights[indices] * factor).clamp(cfg.p_min, cfg.p_max)
-        at_max = self.weights[indices] >= cfg.p_max
-        self.at_max[indices] = torch.where(at_max, self.at_max[indices] + 1, 0)
-        return indices[self.at_max[indices] == cfg.outlier_epochs]
+        extreme = losses.to(torch.float64) > cfg.outlier_factor * reference
+        self.extreme[indices] = torch.where(extreme, self.extreme[indices] + 1, 0)
+        return indices[self.extreme[indices] == cfg.outlier_epochs]
 
     def add(self, n_new: int) -> None:
         """Append ``n_new`` structures (lifelong learning) with weight p_new."""
         self.weights = torch.cat([self.weights, torch.full((n_new,), self.cfg.p_new, dtype=torch.float64)])
-        self.at_max = torch.cat([self.at_max, torch.zeros(n_new, dtype=torch.int64)])
+        self.extreme = torch.cat([self.extreme, torch.zeros(n_new, dtype=torch.int64)])
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, outlier counters and the random stream, for checkpoints."""
-        return {"weights": self.weights.clone(), "at_max": self.at_max.clone(),
+        return {"weights": self.weights.clone(), "extreme": self.extreme.clone(),
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights = state["weights"].clone()
-        self.at_max = state["at_max"].clone()
+        self.extreme = state["extreme"].clone()
         self.generator.set_state(state["generator"])

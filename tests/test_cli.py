@@ -22,13 +22,15 @@ def test_help_lists_commands():
         assert command in data.stdout
 
 
-def test_data_info_on_shipped_tiny_set():
-    result = lmlp("data", "info", TINY)
+@pytest.mark.parametrize("path", [TINY, TINY.with_name("sn2_gfn2xtb.h5")])
+def test_data_info_on_shipped_sets(path):
+    result = lmlp("data", "info", path)
     assert result.returncode == 0, result.stderr
     assert "GFN2-xTB" in result.stdout
     assert "eV/Angstrom" in result.stdout
-    summary = json.loads(lmlp("data", "info", TINY, "--json").stdout)
-    s, _ = read_structures(TINY)
+    summary = json.loads(lmlp("data", "info", path, "--json").stdout)
+    s, _ = read_structures(path)
+    assert set(summary["labels"]) == {f"{x}+CH3{y}" for x in "F Cl Br I".split() for y in "F Cl Br I".split()}
     assert summary["n_structures"] == len(s)
     assert summary["split_sizes"] == {k: len(v) for k, v in s.split.items()}
 

@@ -41,13 +41,15 @@ def test_random_mode_is_uniform():
 
 
 def test_new_structures_enter_high_and_outliers_are_reported():
-    cfg = SelectionConfig(p_max=2.0, p_new=2.0, outlier_epochs=3, raise_factor=2.0)
+    cfg = SelectionConfig(p_max=2.0, p_new=2.0, outlier_epochs=3, outlier_factor=10.0, raise_factor=2.0)
     sel = DataSelection(cfg, 3, seed=0)
     sel.add(2)
     assert sel.weights.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
-    idx = torch.tensor([1, 3])
-    reported = [sel.update(idx, torch.tensor([5.0, 5.0]), reference=1.0).tolist() for _ in range(4)]
-    assert reported == [[], [], [1, 3], []]  # reported once, at the third fit in a row at p_max
+    idx = torch.tensor([1, 3, 4])
+    losses = [[50.0, 5.0, 50.0], [50.0, 50.0, 5.0], [50.0, 50.0, 50.0], [50.0, 50.0, 50.0], [50.0, 50.0, 50.0]]
+    reported = [sel.update(idx, torch.tensor(row), reference=1.0).tolist() for row in losses]
+    # three extreme losses in a row, reported once; an ordinary loss restarts the count
+    assert reported == [[], [], [1], [3], [4]]
 
 
 def test_state_round_trip_continues_the_same_stream():

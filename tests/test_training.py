@@ -1,0 +1,74 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from factories import TINY
+
+from lmlp.config import config_from_dict
+from lmlp.data import read_structures
+from lmlp.modelfile import load_model
+from lmlp.training import evaluate, compute_batch, train
+
+
+def tiny_config(run_dir, **training):
+    return config_from_dict({
+        "name": "tiny",
+        "data": {"path": str(TINY)},
+        "ensemble": {"members": 3},
+        "model": {"hidden": [16, 16]},
+        "selection": {"fit_fraction": 0.5},
+        "training": {"epochs": 30, "checkpoint_every": 10, **training},
+        "optimizer": {"name": "core", "lr": 0.01, "params": {"p_frozen": 0.1}},
+        "output": {"run_dir": str(run_dir), "progress": False},
+    })
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return tiny_config(run_dir), train(tiny_config(run_dir))
+
+
+def test_short_run_lowers_both_errors_clearly(run):
+    _, result = run
+    with open(result.run_dir / "learning_curve.csv") as fh:
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    first, best = rows[0], result.test.ensemble
+    assert best["rmse_e"] < 0.3 * float(first["test_rmse_e_ensemble"])
+    assert best["rmse_f"] < 0.6 * float(first["test_rmse_f_ensemble"])
+    assert len(rows) == 30
+
+
+def test_run_directory_holds_every_output(run):
+    _, result = run
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert {"config.yaml", "run.json", "learning_curve.csv", "checkpoint_last.pt", "model.pt",
+            "metrics.json"} <= names
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["data"]["sha256"] and info["torch"] == torch.__version__
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["units"] == {"energy": "meV/atom", "forces": "meV/Angstrom"}
+    assert len(metrics["test"]["members"]["rmse_e"]) == 3
+
+
+def test_model_file_keeps_the_best_epoch_per_member(run):
+    cfg, result = run
+    model, metadata = load_model(result.run_dir / "model.pt")
+    s, _ = read_structures(TINY)
+    batch = compute_batch(s.split_subset("test"), model.descriptor, torch.float32)
+    m = evaluate(model, batch, cfg.training.energy_weight, cfg.training.force_weight)
+    assert m.rmse_e.tolist() == pytest.approx(metadata["test_rmse_e"], rel=1e-5)
+    assert metadata["best_epoch"] == result.best_epoch.tolist()
+
+
+def test_cli_train_prints_the_table(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        f"data: {{path: {TINY}}}\nensemble: {{members: 2}}\nmodel: {{hidden: [8]}}\n"
+        f"training: {{epochs: 3}}\noutput: {{run_dir: {tmp_path / 'run'}, progress: false}}\n")
+    result = subprocess.run([sys.executable, "-m", "lmlp", "train", str(tmp_path / "c.yaml")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "test ensemble" in result.stdout and "RMSE F / meV/Å" in result.stdout
