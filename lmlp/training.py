@@ -112,7 +112,8 @@ def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.d
 
 @dataclass
 class Metrics:
-    """Errors of members (M,) and of the ensemble mean: energy per atom meV/atom, forces meV/Å."""
+    """Errors of members (M,) and of the ensemble mean: energy per atom meV/atom, forces meV/Å;
+    ``loss`` (M,) is the training loss of each member (eV²/atom², eV²/Å² terms)."""
 
     rmse_e: np.ndarray
     mae_e: np.ndarray
@@ -140,27 +141,38 @@ def member_losses(
     return total, per_structure
 
 
-def evaluate(model: HDNNPEnsemble, batch: Batch, q: float, w_f: float) -> Metrics:
-    """Metrics of every member and of the ensemble mean on ``batch`` (in chunks of structures)."""
-    e_parts, f_parts = [], []
-    for start in range(0, len(batch.energy), STRUCTURES_PER_CHUNK):
-        part = batch.select(torch.arange(start, min(start + STRUCTURES_PER_CHUNK, len(batch.energy))))
-        e, f = predict(model, part)
-        e_parts.append(e.detach())
-        f_parts.append(f.detach())
-    energies, forces = torch.cat(e_parts, 1), torch.cat(f_parts, 1)
-    loss, _ = member_losses(energies, forces, batch, q, w_f)
-    n = batch.n_atoms.to(torch.float64)
-    de = (energies.double() - batch.energy) / n * 1000.0
-    df = (forces.double() - batch.forces.double()).reshape(forces.shape[0], -1) * 1000.0
-    de_ens = (energies.double().mean(0) - batch.energy) / n * 1000.0
-    df_ens = (forces.double().mean(0) - batch.forces.double()).flatten() * 1000.0
+def chunks(batch: Batch) -> list[Batch]:
+    """``batch`` cut into pieces of ``STRUCTURES_PER_CHUNK`` structures (for evaluation)."""
+    n = len(batch.energy)
+    return [batch.select(torch.arange(a, min(a + STRUCTURES_PER_CHUNK, n))) for a in range(0, n, STRUCTURES_PER_CHUNK)]
+
+
+def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float) -> Metrics:
+    """Metrics of every member and of the ensemble mean over the structures of ``pieces``."""
+    sums: dict[str, torch.Tensor] = {}
+    n_structures = n_components = 0
+    for piece in pieces:
+        energies, forces = (x.detach().double() for x in predict(model, piece))
+        de = (energies - piece.energy) / piece.n_atoms * 1000.0
+        df = (forces - piece.forces.double()).flatten(1) * 1000.0
+        de_ens = (energies.mean(0) - piece.energy) / piece.n_atoms * 1000.0
+        df_ens = (forces.mean(0) - piece.forces.double()).flatten() * 1000.0
+        terms = {"se_e": de.pow(2).sum(1), "ae_e": de.abs().sum(1), "se_f": df.pow(2).sum(1),
+                 "ae_f": df.abs().sum(1), "ens_se_e": de_ens.pow(2).sum(), "ens_ae_e": de_ens.abs().sum(),
+                 "ens_se_f": df_ens.pow(2).sum(), "ens_ae_f": df_ens.abs().sum()}
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0) + value
+        n_structures += len(piece.energy)
+        n_components += df.shape[1]
+    mse_e, mse_f = sums["se_e"] / n_structures, sums["se_f"] / n_components
     return Metrics(
-        rmse_e=de.pow(2).mean(1).sqrt().numpy(), mae_e=de.abs().mean(1).numpy(),
-        rmse_f=df.pow(2).mean(1).sqrt().numpy(), mae_f=df.abs().mean(1).numpy(),
-        loss=loss.detach().double().numpy(),
-        ensemble={"rmse_e": float(de_ens.pow(2).mean().sqrt()), "mae_e": float(de_ens.abs().mean()),
-                  "rmse_f": float(df_ens.pow(2).mean().sqrt()), "mae_f": float(df_ens.abs().mean())},
+        rmse_e=mse_e.sqrt().numpy(), mae_e=(sums["ae_e"] / n_structures).numpy(),
+        rmse_f=mse_f.sqrt().numpy(), mae_f=(sums["ae_f"] / n_components).numpy(),
+        loss=(q**2 * mse_e + w_f * mse_f).numpy() / 1e6,
+        ensemble={"rmse_e": float((sums["ens_se_e"] / n_structures).sqrt()),
+                  "mae_e": float(sums["ens_ae_e"] / n_structures),
+                  "rmse_f": float((sums["ens_se_f"] / n_components).sqrt()),
+                  "mae_f": float(sums["ens_ae_f"] / n_components)},
     )
 
 
@@ -222,6 +234,7 @@ def train(cfg: Config) -> TrainingResult:
     descriptor = SymmetryFunctions.from_config(cfg.descriptor, elements)
     train_batch = compute_batch(train_set, descriptor, dtype)
     test_batch = compute_batch(test_set, descriptor, dtype)
+    train_pieces, test_pieces = chunks(train_batch), chunks(test_batch)
     model = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
 
     run_dir = cfg.run_dir
@@ -248,7 +261,7 @@ def train(cfg: Config) -> TrainingResult:
         for i in outliers.tolist():
             print(f"epoch {epoch}: structure {int(data.split['train'][i])} of {cfg.data.path} stays at the "
                   "highest selection weight (its reference data may be wrong)", flush=True)
-        train_m, test_m = evaluate(model, train_batch, q, w_f), evaluate(model, test_batch, q, w_f)
+        train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
         improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
         best_loss = np.where(improved, test_m.loss, best_loss)
         best_epoch = np.where(improved, epoch, best_epoch)
@@ -263,7 +276,7 @@ def train(cfg: Config) -> TrainingResult:
                 torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "selection": selection.state_dict()}, tmp)
     model.load_state_dict(best_state)
-    train_m, test_m = evaluate(model, train_batch, q, w_f), evaluate(model, test_batch, q, w_f)
+    train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
     wall = time.perf_counter() - start_time
     save_model(run_dir / "model.pt", model, {"test_rmse_e": test_m.rmse_e.tolist(),
                                              "test_rmse_f": test_m.rmse_f.tolist(),

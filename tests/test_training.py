@@ -10,7 +10,7 @@ from factories import TINY
 from lmlp.config import config_from_dict
 from lmlp.data import read_structures
 from lmlp.modelfile import load_model
-from lmlp.training import evaluate, compute_batch, train
+from lmlp.training import chunks, compute_batch, evaluate, train
 
 
 def tiny_config(run_dir, **training):
@@ -59,7 +59,7 @@ def test_model_file_keeps_the_best_epoch_per_member(run):
     model, metadata = load_model(result.run_dir / "model.pt")
     s, _ = read_structures(TINY)
     batch = compute_batch(s.split_subset("test"), model.descriptor, torch.float32)
-    m = evaluate(model, batch, cfg.training.energy_weight, cfg.training.force_weight)
+    m = evaluate(model, chunks(batch), cfg.training.energy_weight, cfg.training.force_weight)
     assert m.rmse_e.tolist() == pytest.approx(metadata["test_rmse_e"], rel=1e-5)
     assert metadata["best_epoch"] == result.best_epoch.tolist()
 
