@@ -125,12 +125,17 @@ def data_generate(
 
 
 @app.command("train")
-def train_command(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+def train_command(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file (not with --resume).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this directory.")] = None,
+) -> None:
     """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
     from lmlp.config import load_config
     from lmlp.training import format_table, train
 
-    result = train(load_config(config))
+    if (config is None) == (resume is None):
+        raise LmlpError("give a config file, or --resume RUN_DIR (whose config.yaml is used), not both")
+    result = train(load_config(config or resume / "config.yaml"), resume=resume is not None)
     typer.echo(format_table(result))
 
 

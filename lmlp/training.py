@@ -220,8 +220,24 @@ def build_model(cfg: Config, train: StructureSet, batch_G: torch.Tensor, descrip
                          members=cfg.ensemble.members, seed=cfg.ensemble.seed)
 
 
-def train(cfg: Config) -> TrainingResult:
-    """Train the ensemble ``cfg`` describes and write the run directory."""
+def train(cfg: Config, resume: bool = False) -> TrainingResult:
+    """Train the ensemble ``cfg`` describes and write the run directory.
+
+    Runs with torch's deterministic algorithms (multi-threaded ``index_add_`` otherwise sums in a
+    varying order), so a run is bitwise reproducible. With ``resume`` the run continues from
+    ``checkpoint_last.pt`` in the run directory; as every random stream is in the checkpoint, it
+    ends with the same weights as an uninterrupted run.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, resume)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(cfg: Config, resume: bool) -> TrainingResult:
+    """``train`` under deterministic algorithms."""
     start_time = time.perf_counter()
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -246,8 +262,18 @@ def train(cfg: Config) -> TrainingResult:
     best_loss = np.full(cfg.ensemble.members, np.inf)
     best_epoch = np.zeros(cfg.ensemble.members, dtype=int)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = []
-    for epoch in range(1, cfg.training.epochs + 1):
+    rows: list[dict[str, float]] = []
+    first_epoch = 1
+    checkpoint = run_dir / "checkpoint_last.pt"
+    if resume:
+        saved = _load_checkpoint(checkpoint)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        selection.load_state_dict(saved["selection"])
+        best_state, rows = saved["best_state"], saved["rows"]
+        best_loss, best_epoch = np.array(saved["best_loss"]), np.array(saved["best_epoch"])
+        first_epoch = saved["epoch"] + 1
+    for epoch in range(first_epoch, cfg.training.epochs + 1):
         fitted = selection.select()
         batch = train_batch.select(fitted)
         for _ in range(cfg.training.steps_per_epoch):
@@ -259,8 +285,9 @@ def train(cfg: Config) -> TrainingResult:
         per_structure = per_structure.detach().mean(0)
         outliers = selection.update(fitted, per_structure, float(per_structure.mean()))
         for i in outliers.tolist():
-            print(f"epoch {epoch}: structure {int(data.split['train'][i])} of {cfg.data.path} stays at the "
-                  "highest selection weight (its reference data may be wrong)", flush=True)
+            print(f"epoch {epoch}: structure {int(data.split['train'][i])} of {cfg.data.path} had an extreme "
+                  f"error in {cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)",
+                  flush=True)
         train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
         improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
         best_loss = np.where(improved, test_m.loss, best_loss)
@@ -272,9 +299,10 @@ def train(cfg: Config) -> TrainingResult:
                   f"{test_m.ensemble['rmse_e']:.2f} meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", flush=True)
         if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
             _write_curve(run_dir / "learning_curve.csv", rows)
-            with atomic_path(run_dir / "checkpoint_last.pt") as tmp:
+            with atomic_path(checkpoint) as tmp:
                 torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "selection": selection.state_dict()}, tmp)
+                            "selection": selection.state_dict(), "best_state": best_state,
+                            "best_loss": best_loss.tolist(), "best_epoch": best_epoch.tolist(), "rows": rows}, tmp)
     model.load_state_dict(best_state)
     train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
     wall = time.perf_counter() - start_time
@@ -283,6 +311,16 @@ def train(cfg: Config) -> TrainingResult:
                                              "best_epoch": best_epoch.tolist(), "config": dump_config(cfg)})
     atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(train_m, test_m, best_epoch, wall), indent=2))
     return TrainingResult(run_dir, train_m, test_m, best_epoch, wall)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """The training state saved in ``path``; ``LmlpError`` when it is missing or unreadable."""
+    if not path.is_file():
+        raise LmlpError(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise LmlpError(f"{path}: unreadable checkpoint (truncated or corrupted?): {type(exc).__name__}") from None
 
 
 def _optimizer(cfg: Config, model: HDNNPEnsemble) -> torch.optim.Optimizer:

@@ -48,9 +48,14 @@ def test_convert_round_trip_and_skip_report(tmp_path, molecules):
     assert "wrote 19 structures" in ok.stdout
 
 
-@pytest.mark.parametrize("args", [("data", "info", "absent.h5"), ("config", "check", "absent.yaml")])
-def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args):
+@pytest.mark.parametrize(("args", "message"), [
+    (("data", "info", "absent.h5"), "absent.h5: no such file"),
+    (("config", "check", "absent.yaml"), "absent.yaml: no such file"),
+    (("train", "--resume", "absent"), "absent/config.yaml: no such file"),
+    (("train",), "give a config file, or --resume RUN_DIR"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
     result = lmlp(*args, cwd=tmp_path)
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "absent" in result.stderr
+    assert message in result.stderr

@@ -72,3 +72,35 @@ def test_cli_train_prints_the_table(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "test ensemble" in result.stdout and "RMSE F / meV/Å" in result.stdout
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    import lmlp.training as training
+
+    whole = train(tiny_config(tmp_path / "whole", epochs=12, checkpoint_every=4))
+    original = training._curve_row
+
+    def crash_after_epoch_9(epoch, *args):
+        if epoch == 10:
+            raise KeyboardInterrupt
+        return original(epoch, *args)
+
+    cfg = tiny_config(tmp_path / "cut", epochs=12, checkpoint_every=4)
+    monkeypatch.setattr(training, "_curve_row", crash_after_epoch_9)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(training, "_curve_row", original)
+    assert torch.load(tmp_path / "cut" / "checkpoint_last.pt")["epoch"] == 8
+    resumed = train(cfg, resume=True)
+    a, _ = load_model(whole.run_dir / "model.pt")
+    b, _ = load_model(resumed.run_dir / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    assert (whole.run_dir / "learning_curve.csv").read_text() == (resumed.run_dir / "learning_curve.csv").read_text()
+
+
+def test_resume_without_checkpoint_is_explained(tmp_path):
+    from lmlp.errors import LmlpError
+
+    with pytest.raises(LmlpError, match="no checkpoint to resume from"):
+        train(tiny_config(tmp_path / "empty"), resume=True)
