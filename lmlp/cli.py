@@ -139,6 +139,32 @@ def train_command(
     typer.echo(format_table(result))
 
 
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="A model file (model.pt).")],
+    data: Annotated[Path, typer.Argument(help="Structures: .h5 or anything ASE reads with energies and forces.")],
+    split: Annotated[Optional[str], typer.Option(help="Only this stored split, e.g. test.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the table (default: beside the model).")] = None,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """RMSE table of a model on a data set: ensemble and members, per label (reaction); also JSON."""
+    from lmlp.data import load
+    from lmlp.fileio import atomic_write_text
+    from lmlp.modelfile import load_model
+    from lmlp.training import evaluate_model, evaluation_json, format_evaluation
+
+    ensemble, _ = load_model(model)
+    structures, problems = load(data, on_invalid="skip" if skip_invalid else "raise")
+    _report_skipped(data, problems)
+    if split is not None:
+        structures = structures.split_subset(split)
+    results = evaluate_model(ensemble, structures)
+    typer.echo(format_evaluation(results))
+    target = out or model.with_name(f"evaluation_{data.stem}{'_' + split if split else ''}.json")
+    atomic_write_text(target, json.dumps(evaluation_json(results), indent=2))
+    typer.echo(f"written to {target}")
+
+
 @config_app.command("check")
 def config_check(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
     """Validate a config file."""

@@ -34,6 +34,9 @@ from lmlp.modelfile import save_model
 from lmlp.optim import build_optimizer
 from lmlp.selection import DataSelection
 
+UNITS = {"energy": "meV/atom", "forces": "meV/Angstrom"}
+"""Units of every reported metric."""
+
 STRUCTURES_PER_CHUNK = 500
 """Structures per descriptor computation (bounds temporaries, keeps the cache-friendly size)."""
 
@@ -357,12 +360,13 @@ def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def _metrics_json(train_m: Metrics, test_m: Metrics, best_epoch: np.ndarray, wall: float) -> dict:
-    def part(m: Metrics) -> dict:
-        return {"ensemble": m.ensemble,
-                "members": {k: getattr(m, k).tolist() for k in ("rmse_e", "mae_e", "rmse_f", "mae_f")}}
+    return {"units": UNITS, "train": _metrics_dict(train_m), "test": _metrics_dict(test_m),
+            "best_epoch": best_epoch.tolist(), "wall_time_s": wall}
 
-    return {"units": {"energy": "meV/atom", "forces": "meV/Angstrom"}, "train": part(train_m),
-            "test": part(test_m), "best_epoch": best_epoch.tolist(), "wall_time_s": wall}
+
+def _metrics_dict(m: Metrics) -> dict:
+    return {"ensemble": m.ensemble,
+            "members": {k: getattr(m, k).tolist() for k in ("rmse_e", "mae_e", "rmse_f", "mae_f")}}
 
 
 def _write_provenance(cfg: Config, run_dir: Path) -> None:
@@ -386,3 +390,33 @@ def format_table(result: TrainingResult) -> str:
     lines.append(f"best epochs {result.best_epoch.tolist()}, wall time {result.wall_time:.0f} s, "
                  f"run directory {result.run_dir}")
     return "\n".join(lines)
+
+
+def evaluate_model(
+    model: HDNNPEnsemble, s: StructureSet, q: float = 10.9, w_f: float = 1.0
+) -> dict[str, Metrics]:
+    """Metrics of ``model`` on every structure of ``s`` ("all") and per label (e.g. reaction)."""
+    dtype = next(model.parameters()).dtype
+    batch = compute_batch(s, model.descriptor, dtype)
+    result = {"all": evaluate(model, chunks(batch), q, w_f)}
+    labels = s.label.astype(str)
+    for label in sorted(set(labels.tolist())):
+        indices = torch.from_numpy(np.flatnonzero(labels == label))
+        result[label] = evaluate(model, chunks(batch.select(indices)), q, w_f)
+    return result
+
+
+def format_evaluation(results: dict[str, Metrics]) -> str:
+    """Per-subset table: ensemble and member mean ± std of RMSE E (meV/atom) and F (meV/Å)."""
+    width = max(len(k) for k in results)
+    lines = [f"{'subset':{width}s}  {'ens. E':>8s} {'members E':>15s}  {'ens. F':>8s} {'members F':>15s}"]
+    for name, m in results.items():
+        lines.append(f"{name:{width}s}  {m.ensemble['rmse_e']:8.2f} {m.rmse_e.mean():8.2f} ± {m.rmse_e.std():4.2f}"
+                     f"  {m.ensemble['rmse_f']:8.1f} {m.rmse_f.mean():8.1f} ± {m.rmse_f.std():4.1f}")
+    lines.append("RMSE of energy per atom in meV/atom and of force components in meV/Å")
+    return "\n".join(lines)
+
+
+def evaluation_json(results: dict[str, Metrics]) -> dict:
+    """``results`` as plain JSON data, with units."""
+    return {"units": UNITS, "subsets": {name: _metrics_dict(m) for name, m in results.items()}}

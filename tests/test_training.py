@@ -104,3 +104,18 @@ def test_resume_without_checkpoint_is_explained(tmp_path):
 
     with pytest.raises(LmlpError, match="no checkpoint to resume from"):
         train(tiny_config(tmp_path / "empty"), resume=True)
+
+
+def test_evaluate_command_reproduces_training_metrics_per_reaction(run, tmp_path):
+    _, result = run
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "lmlp", "evaluate", str(result.run_dir / "model.pt"), str(TINY),
+                           "--split", "test", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    table = json.loads(out.read_text())
+    assert table["units"] == {"energy": "meV/atom", "forces": "meV/Angstrom"}
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert table["subsets"]["all"]["ensemble"]["rmse_e"] == pytest.approx(metrics["test"]["ensemble"]["rmse_e"], rel=1e-6)
+    s, _ = read_structures(TINY)
+    assert set(table["subsets"]) == {"all"} | set(s.split_subset("test").label.tolist())
+    assert "F+CH3Cl" in done.stdout
