@@ -150,32 +150,29 @@ def chunks(batch: Batch) -> list[Batch]:
     return [batch.select(torch.arange(a, min(a + STRUCTURES_PER_CHUNK, n))) for a in range(0, n, STRUCTURES_PER_CHUNK)]
 
 
+def predict_all(model: HDNNPEnsemble, pieces: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies (M, S) eV and forces (M, N, 3) eV/Å of every member over all ``pieces``, float64."""
+    predictions = [predict(model, piece) for piece in pieces]
+    return (torch.cat([e.detach().double() for e, _ in predictions], 1),
+            torch.cat([f.detach().double() for _, f in predictions], 1))
+
+
 def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float) -> Metrics:
     """Metrics of every member and of the ensemble mean over the structures of ``pieces``."""
-    sums: dict[str, torch.Tensor] = {}
-    n_structures = n_components = 0
-    for piece in pieces:
-        energies, forces = (x.detach().double() for x in predict(model, piece))
-        de = (energies - piece.energy) / piece.n_atoms * 1000.0
-        df = (forces - piece.forces.double()).flatten(1) * 1000.0
-        de_ens = (energies.mean(0) - piece.energy) / piece.n_atoms * 1000.0
-        df_ens = (forces.mean(0) - piece.forces.double()).flatten() * 1000.0
-        terms = {"se_e": de.pow(2).sum(1), "ae_e": de.abs().sum(1), "se_f": df.pow(2).sum(1),
-                 "ae_f": df.abs().sum(1), "ens_se_e": de_ens.pow(2).sum(), "ens_ae_e": de_ens.abs().sum(),
-                 "ens_se_f": df_ens.pow(2).sum(), "ens_ae_f": df_ens.abs().sum()}
-        for key, value in terms.items():
-            sums[key] = sums.get(key, 0) + value
-        n_structures += len(piece.energy)
-        n_components += df.shape[1]
-    mse_e, mse_f = sums["se_e"] / n_structures, sums["se_f"] / n_components
+    energies, forces = predict_all(model, pieces)
+    reference_e = torch.cat([p.energy for p in pieces])
+    reference_f = torch.cat([p.forces for p in pieces]).double()
+    n_atoms = torch.cat([p.n_atoms for p in pieces])
+    de = (energies - reference_e) / n_atoms * 1000.0
+    df = (forces - reference_f).flatten(1) * 1000.0
+    de_ens, df_ens = (energies.mean(0) - reference_e) / n_atoms * 1000.0, df.reshape(*forces.shape).mean(0).flatten()
+    mse_e, mse_f = de.pow(2).mean(1), df.pow(2).mean(1)
     return Metrics(
-        rmse_e=mse_e.sqrt().numpy(), mae_e=(sums["ae_e"] / n_structures).numpy(),
-        rmse_f=mse_f.sqrt().numpy(), mae_f=(sums["ae_f"] / n_components).numpy(),
+        rmse_e=mse_e.sqrt().numpy(), mae_e=de.abs().mean(1).numpy(),
+        rmse_f=mse_f.sqrt().numpy(), mae_f=df.abs().mean(1).numpy(),
         loss=(q**2 * mse_e + w_f * mse_f).numpy() / 1e6,
-        ensemble={"rmse_e": float((sums["ens_se_e"] / n_structures).sqrt()),
-                  "mae_e": float(sums["ens_ae_e"] / n_structures),
-                  "rmse_f": float((sums["ens_se_f"] / n_components).sqrt()),
-                  "mae_f": float(sums["ens_ae_f"] / n_components)},
+        ensemble={"rmse_e": float(de_ens.pow(2).mean().sqrt()), "mae_e": float(de_ens.abs().mean()),
+                  "rmse_f": float(df_ens.pow(2).mean().sqrt()), "mae_f": float(df_ens.abs().mean())},
     )
 
 
@@ -313,7 +310,23 @@ def _train(cfg: Config, resume: bool) -> TrainingResult:
                                              "test_rmse_f": test_m.rmse_f.tolist(),
                                              "best_epoch": best_epoch.tolist(), "config": dump_config(cfg)})
     atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(train_m, test_m, best_epoch, wall), indent=2))
+    if cfg.output.plots:
+        _write_plots(model, rows, test_pieces, run_dir)
     return TrainingResult(run_dir, train_m, test_m, best_epoch, wall)
+
+
+def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces: list[Batch], run_dir: Path) -> None:
+    """learning_curves.png and parity_test.png (ensemble mean of the final model on the test set)."""
+    from lmlp.plots import plot_learning_curves, plot_parity
+
+    plot_learning_curves(rows, run_dir / "learning_curves.png")
+    energies, forces = predict_all(model, test_pieces)
+    e_ref = model.reference_energies.double()
+    baseline = torch.cat([torch.zeros(len(p.energy), dtype=torch.float64).index_add_(
+        0, p.structure_of_atom, e_ref[model.element_index(p.numbers)]) for p in test_pieces])
+    plot_parity(energies.mean(0).numpy(), torch.cat([p.energy for p in test_pieces]).numpy(), baseline.numpy(),
+                torch.cat([p.n_atoms for p in test_pieces]).numpy(), forces.mean(0).numpy(),
+                torch.cat([p.forces for p in test_pieces]).double().numpy(), run_dir / "parity_test.png")
 
 
 def _load_checkpoint(path: Path) -> dict:

@@ -46,7 +46,9 @@ def test_run_directory_holds_every_output(run):
     _, result = run
     names = {p.name for p in result.run_dir.iterdir()}
     assert {"config.yaml", "run.json", "learning_curve.csv", "checkpoint_last.pt", "model.pt",
-            "metrics.json"} <= names
+            "metrics.json", "learning_curves.png", "parity_test.png"} <= names
+    for png in ("learning_curves.png", "parity_test.png"):
+        assert (result.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["data"]["sha256"] and info["torch"] == torch.__version__
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
