@@ -88,7 +88,9 @@ class HDNNPEnsemble(torch.nn.Module):
         self.descriptor = descriptor
         self.standardizer = standardizer
         self.register_buffer("elements", torch.tensor(sorted(elements), dtype=torch.int64))
-        self.register_buffer("reference_energies", reference_energies.detach().clone().to(torch.float64))
+        # Fixed point (µeV, int64) so that casting the model to float32 keeps E_ref exact to 1 µeV.
+        micro_ev = torch.round(reference_energies.detach().to(torch.float64) * 1e6).to(torch.int64)
+        self.register_buffer("reference_energies_micro_ev", micro_ev)
         self.hyperparameters = dict(hidden=list(hidden), activation=activation, members=members, seed=seed)
         """The network constructor arguments, to rebuild the model from a model file."""
         sizes = [descriptor.n_functions, *hidden, 1]
@@ -97,6 +99,11 @@ class HDNNPEnsemble(torch.nn.Module):
             for e in range(len(elements))
         )
         self.members = members
+
+    @property
+    def reference_energies(self) -> torch.Tensor:
+        """(n_elements,) float64 E_ref per element, eV."""
+        return self.reference_energies_micro_ev.to(torch.float64) * 1e-6
 
     def element_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """(N,) position of each atom's element in ``elements``; ValueError for unknown ones."""
@@ -122,12 +129,17 @@ class HDNNPEnsemble(torch.nn.Module):
         return out
 
     def energies(self, atomic: torch.Tensor, numbers: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Structure energies (M, S) in eV from atomic network energies (M, N)."""
+        """Structure energies (M, S) in eV, float64, from atomic network energies (M, N).
+
+        The network part is summed in the model's dtype; the reference energies are added in float64,
+        so absolute energies keep their precision with float32 networks.
+        """
         structure = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device),
                                             offsets[1:] - offsets[:-1])
-        e_ref = self.reference_energies.to(atomic.dtype)[self.element_index(numbers)]
-        total = atomic + e_ref
-        return atomic.new_zeros(self.members, len(offsets) - 1).index_add_(1, structure, total)
+        network = atomic.new_zeros(self.members, len(offsets) - 1).index_add_(1, structure, atomic)
+        e_ref = self.reference_energies[self.element_index(numbers)]
+        baseline = torch.zeros(len(offsets) - 1, dtype=torch.float64).index_add_(0, structure, e_ref)
+        return network.to(torch.float64) + baseline
 
     def forward(
         self,

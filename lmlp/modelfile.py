@@ -61,7 +61,7 @@ def load_model(path: str | os.PathLike) -> tuple[HDNNPEnsemble, dict[str, Any]]:
     state = content["state_dict"]
     descriptor = SymmetryFunctions(**content["descriptor"])
     standardizer = Standardizer(state["standardizer.mean"], state["standardizer.std"])
-    model = HDNNPEnsemble(descriptor, standardizer, content["elements"], state["reference_energies"],
+    model = HDNNPEnsemble(descriptor, standardizer, content["elements"], state["reference_energies_micro_ev"] * 1e-6,
                           **content["network"])
     model.to(getattr(torch, content["dtype"]))
     model.load_state_dict(state)

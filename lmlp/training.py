@@ -136,7 +136,7 @@ def member_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss per member (M,) and loss per member and structure (M, S) (spec §4)."""
     n = batch.n_atoms.to(forces.dtype)
-    de = (energies - batch.energy.to(energies.dtype)) / n
+    de = ((energies - batch.energy) / batch.n_atoms).to(forces.dtype)  # difference in float64
     df2 = ((forces - batch.forces) ** 2).sum(-1)
     per_structure_f = torch.zeros_like(de).index_add_(1, batch.structure_of_atom, df2) / (3 * n)
     per_structure = q**2 * de**2 + w_f * per_structure_f
@@ -321,7 +321,7 @@ def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces
 
     plot_learning_curves(rows, run_dir / "learning_curves.png")
     energies, forces = predict_all(model, test_pieces)
-    e_ref = model.reference_energies.double()
+    e_ref = model.reference_energies
     baseline = torch.cat([torch.zeros(len(p.energy), dtype=torch.float64).index_add_(
         0, p.structure_of_atom, e_ref[model.element_index(p.numbers)]) for p in test_pieces])
     plot_parity(energies.mean(0).numpy(), torch.cat([p.energy for p in test_pieces]).numpy(), baseline.numpy(),
