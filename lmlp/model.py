@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from lmlp.descriptors import Derivatives, Standardizer, SymmetryFunctions
+from lmlp.descriptors import CentreDerivatives, Derivatives, Standardizer, SymmetryFunctions
 
 SCALED_TANH = 1.59223
 """1.59223·tanh(x) has output variance ≈ 1 for unit-normal input (spec §2)."""
@@ -163,7 +163,7 @@ class HDNNPEnsemble(torch.nn.Module):
     def from_descriptors(
         self,
         G: torch.Tensor,
-        derivatives: Derivatives,
+        derivatives: Derivatives | CentreDerivatives,
         numbers: torch.Tensor,
         offsets: torch.Tensor,
         create_graph: bool = False,

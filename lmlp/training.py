@@ -26,7 +26,7 @@ import torch
 import lmlp
 from lmlp.config import Config, dump_config
 from lmlp.data import StructureSet, load
-from lmlp.descriptors import Derivatives, Standardizer, SymmetryFunctions
+from lmlp.descriptors import CentreDerivatives, Standardizer, SymmetryFunctions
 from lmlp.errors import LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
@@ -47,18 +47,16 @@ class Batch:
 
     Attributes:
         numbers: (N,) atomic numbers. offsets: (S + 1,) atom offsets.
-        G: (N, F) descriptors. derivatives: sparse dG/dR.
+        G: (N, F) descriptors. derivatives: dG/dR grouped by centre atom.
         energy: (S,) float64 reference energies, eV. forces: (N, 3) reference forces, eV/Å.
-        slot_structure: (M_slots,) structure of each derivative slot.
     """
 
     numbers: torch.Tensor
     offsets: torch.Tensor
     G: torch.Tensor
-    derivatives: Derivatives
+    derivatives: CentreDerivatives
     energy: torch.Tensor
     forces: torch.Tensor
-    slot_structure: torch.Tensor
 
     @property
     def n_atoms(self) -> torch.Tensor:
@@ -69,47 +67,39 @@ class Batch:
         return torch.repeat_interleave(torch.arange(len(self.energy)), self.n_atoms)
 
     def select(self, indices: torch.Tensor) -> Batch:
-        """The structures ``indices`` (sorted), with atom and slot indices renumbered."""
+        """The structures ``indices`` (sorted), with atom indices renumbered."""
         keep = torch.zeros(len(self.energy), dtype=torch.bool)
         keep[indices] = True
         atom_keep = keep[self.structure_of_atom]
         new_atom = torch.cumsum(atom_keep, 0) - 1
-        slot_keep = keep[self.slot_structure]
-        new_structure = torch.cumsum(keep, 0) - 1
-        d = self.derivatives
+        atoms = torch.nonzero(atom_keep).flatten()
         return Batch(
-            numbers=self.numbers[atom_keep],
+            numbers=self.numbers[atoms],
             offsets=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(self.n_atoms[indices], 0)]),
-            G=self.G[atom_keep],
-            derivatives=Derivatives(new_atom[d.centre[slot_keep]], new_atom[d.atom[slot_keep]], d.values[slot_keep]),
+            G=self.G[atoms],
+            derivatives=self.derivatives.select(atoms, new_atom),
             energy=self.energy[indices],
-            forces=self.forces[atom_keep],
-            slot_structure=new_structure[self.slot_structure[slot_keep]],
+            forces=self.forces[atoms],
         )
 
 
 def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> Batch:
     """Descriptors and derivatives of every structure of ``s``, computed once in chunks."""
-    parts = []
+    G_parts, derivative_parts, starts = [], [], []
     for start in range(0, len(s), STRUCTURES_PER_CHUNK):
         part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
         numbers, offsets = torch.from_numpy(part.numbers), torch.from_numpy(part.offsets)
         G, d = descriptor.with_derivatives(numbers, torch.from_numpy(part.positions).to(dtype), offsets)
-        structure = torch.repeat_interleave(torch.arange(len(part)), offsets[1:] - offsets[:-1])
-        parts.append((part, G, d, structure[d.centre] + start))
-    atom_starts = np.concatenate([[0], np.cumsum([len(p[0].numbers) for p in parts])])
+        G_parts.append(G)
+        derivative_parts.append(d.by_centre(len(numbers)))
+        starts.append(int(s.offsets[start]))
     return Batch(
         numbers=torch.from_numpy(s.numbers),
         offsets=torch.from_numpy(s.offsets),
-        G=torch.cat([p[1] for p in parts]),
-        derivatives=Derivatives(
-            centre=torch.cat([p[2].centre + int(a) for p, a in zip(parts, atom_starts)]),
-            atom=torch.cat([p[2].atom + int(a) for p, a in zip(parts, atom_starts)]),
-            values=torch.cat([p[2].values for p in parts]),
-        ),
+        G=torch.cat(G_parts),
+        derivatives=CentreDerivatives.cat(derivative_parts, starts),
         energy=torch.from_numpy(s.energy),
         forces=torch.from_numpy(s.forces).to(dtype),
-        slot_structure=torch.cat([p[3] for p in parts]),
     )
 
 

@@ -59,6 +59,61 @@ class Derivatives:
         return -out.index_add_(-2, self.atom, contribution)
 
 
+    def by_centre(self, n_atoms: int) -> CentreDerivatives:
+        """The same derivatives grouped by centre atom and padded (faster force contraction)."""
+        order = torch.argsort(self.centre, stable=True)
+        centre, atom, values = self.centre[order], self.atom[order], self.values[order]
+        counts = torch.bincount(centre, minlength=n_atoms)
+        width = int(counts.max()) if len(counts) else 0
+        slot = torch.arange(len(centre), device=centre.device) - (torch.cumsum(counts, 0) - counts)[centre]
+        padded = values.new_zeros(n_atoms, width, values.shape[1], 3)
+        padded[centre, slot] = values
+        atoms = torch.arange(n_atoms, device=centre.device)[:, None].repeat(1, width)
+        atoms[centre, slot] = atom
+        return CentreDerivatives(padded.permute(0, 2, 1, 3).reshape(n_atoms, values.shape[1], 3 * width), atoms)
+
+
+@dataclass
+class CentreDerivatives:
+    """dG/dR grouped by centre atom: ``values[i, :, 3k:3k+3]`` is dG_i/dR_{atom[i, k]}.
+
+    Attributes:
+        values: (N, F, 3K), K the largest number of slots of a centre; padding is zero.
+        atom: (N, K) int64 moving atom of each slot (padding points at the centre itself).
+
+    One batched matmul per atom replaces the gather of dE/dG onto every slot.
+    """
+
+    values: torch.Tensor
+    atom: torch.Tensor
+
+    def forces(self, dE_dG: torch.Tensor, n_atoms: int) -> torch.Tensor:
+        """F = −∂E/∂R from dE/dG (..., N, F); returns (..., N, 3)."""
+        lead = dE_dG.shape[:-2]
+        flat = dE_dG.reshape(-1, *dE_dG.shape[-2:]).transpose(0, 1)  # (N, B, F)
+        contribution = torch.bmm(flat, self.values).transpose(0, 1)  # (B, N, 3K)
+        contribution = contribution.reshape(contribution.shape[0], -1, 3)
+        out = contribution.new_zeros(contribution.shape[0], n_atoms, 3)
+        out.index_add_(1, self.atom.flatten(), contribution)
+        return -out.reshape(*lead, n_atoms, 3)
+
+    def select(self, atoms: torch.Tensor, new_index: torch.Tensor) -> CentreDerivatives:
+        """The rows of ``atoms`` (whole structures), atom indices mapped through ``new_index``."""
+        return CentreDerivatives(self.values[atoms], new_index[self.atom[atoms]])
+
+    @staticmethod
+    def cat(parts: list[CentreDerivatives], atom_starts: list[int]) -> CentreDerivatives:
+        """Join blocks of consecutive atoms (padding to the widest); ``atom_starts`` offsets each block."""
+        width = max(p.atom.shape[1] for p in parts)
+        values, atoms = [], []
+        for part, start in zip(parts, atom_starts):
+            extra = width - part.atom.shape[1]
+            values.append(torch.nn.functional.pad(part.values, (0, 3 * extra)))
+            own = part.atom + start
+            atoms.append(torch.cat([own, own[:, :1].expand(-1, extra)], dim=1))
+        return CentreDerivatives(torch.cat(values), torch.cat(atoms))
+
+
 class SymmetryFunctions(torch.nn.Module):
     """eeACSF or plain-ACSF descriptor of every atom of a batch of structures.
 

@@ -255,3 +255,21 @@ def test_standardizer_uses_training_statistics():
     torch.testing.assert_close(s(G), torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
     values = torch.ones(4, 2, 3, dtype=torch.float64)
     torch.testing.assert_close(s.scale_derivatives(values)[:, 0], torch.ones(4, 3, dtype=torch.float64))
+
+
+def test_derivatives_grouped_by_centre_give_the_same_forces():
+    from lmlp.descriptors import CentreDerivatives
+
+    molecules = [random_cluster(n, seed) for n, seed in [(6, 12), (9, 13), (2, 14)]]
+    numbers, positions, offsets = batch(*molecules)
+    sf = descriptor()
+    G, derivatives = sf.with_derivatives(numbers, positions, offsets)
+    dE_dG = torch.randn(4, len(numbers), sf.n_functions, dtype=torch.float64)
+    grouped = derivatives.by_centre(len(numbers))
+    torch.testing.assert_close(grouped.forces(dE_dG, len(numbers)), derivatives.forces(dE_dG, len(numbers)),
+                               rtol=1e-12, atol=1e-12)
+    first, rest = grouped.select(torch.arange(6), torch.arange(len(numbers))), grouped.select(
+        torch.arange(6, len(numbers)), torch.arange(len(numbers)) - 6)
+    joined = CentreDerivatives.cat([first, rest], [0, 6])
+    torch.testing.assert_close(joined.forces(dE_dG[0], len(numbers)), grouped.forces(dE_dG[0], len(numbers)),
+                               rtol=1e-12, atol=1e-12)
