@@ -134,12 +134,13 @@ class HDNNPEnsemble(torch.nn.Module):
         The network part is summed in the model's dtype; the reference energies are added in float64,
         so absolute energies keep their precision with float32 networks.
         """
-        structure = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device),
-                                            offsets[1:] - offsets[:-1])
-        network = atomic.new_zeros(self.members, len(offsets) - 1).index_add_(1, structure, atomic)
+        network = atomic.new_zeros(self.members, len(offsets) - 1).index_add_(1, _structure_of_atom(offsets), atomic)
+        return network.to(torch.float64) + self.reference_baseline(numbers, offsets)
+
+    def reference_baseline(self, numbers: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(S,) float64 Σ_i E_ref(Z_i) per structure, eV."""
         e_ref = self.reference_energies[self.element_index(numbers)]
-        baseline = torch.zeros(len(offsets) - 1, dtype=torch.float64).index_add_(0, structure, e_ref)
-        return network.to(torch.float64) + baseline
+        return torch.zeros(len(offsets) - 1, dtype=torch.float64).index_add_(0, _structure_of_atom(offsets), e_ref)
 
     def forward(
         self,
@@ -178,6 +179,11 @@ class HDNNPEnsemble(torch.nn.Module):
             atomic = self.atomic_energies(per_member, numbers)
             (dE_dG,) = torch.autograd.grad(atomic.sum(), per_member, create_graph=create_graph)
         return self.energies(atomic, numbers, offsets), derivatives.forces(dE_dG, len(numbers))
+
+
+def _structure_of_atom(offsets: torch.Tensor) -> torch.Tensor:
+    """(N,) structure index of every atom from (S + 1,) atom offsets."""
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets[1:] - offsets[:-1])
 
 
 def fit_reference_energies(

@@ -311,9 +311,7 @@ def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces
 
     plot_learning_curves(rows, run_dir / "learning_curves.png")
     energies, forces = predict_all(model, test_pieces)
-    e_ref = model.reference_energies
-    baseline = torch.cat([torch.zeros(len(p.energy), dtype=torch.float64).index_add_(
-        0, p.structure_of_atom, e_ref[model.element_index(p.numbers)]) for p in test_pieces])
+    baseline = torch.cat([model.reference_baseline(p.numbers, p.offsets) for p in test_pieces])
     plot_parity(energies.mean(0).numpy(), torch.cat([p.energy for p in test_pieces]).numpy(), baseline.numpy(),
                 torch.cat([p.n_atoms for p in test_pieces]).numpy(), forces.mean(0).numpy(),
                 torch.cat([p.forces for p in test_pieces]).double().numpy(), run_dir / "parity_test.png")
