@@ -49,7 +49,7 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = train_batch.select(selection.select())
         optimizer.zero_grad()
-        energies, forces = predict(model, batch, create_graph=True)
+        energies, forces = predict(model, batch)
         member_losses(energies, forces, batch, q, 1.0)[0].sum().backward()
         optimizer.step()
         t1 = time.perf_counter()

@@ -12,17 +12,34 @@ import math
 import numpy as np
 import torch
 
-from lmlp.descriptors import CentreDerivatives, Derivatives, Standardizer, SymmetryFunctions
+from lmlp.descriptors import CentreDerivatives, Standardizer, SymmetryFunctions
 
 SCALED_TANH = 1.59223
 """1.59223·tanh(x) has output variance ≈ 1 for unit-normal input (spec §2)."""
 
-ACTIVATIONS = {
-    "scaled_tanh": lambda x: SCALED_TANH * torch.tanh(x),
-    "tanh": torch.tanh,
-    "silu": torch.nn.functional.silu,
-    "softplus": torch.nn.functional.softplus,
-}
+
+
+def _scaled_tanh(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tanh(z)
+    return SCALED_TANH * t, torch.addcmul(torch.full_like(t, SCALED_TANH), t, t, value=-SCALED_TANH)
+
+
+def _tanh(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tanh(z)
+    return t, torch.addcmul(torch.ones_like(t), t, t, value=-1.0)
+
+
+def _silu(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.sigmoid(z)
+    return z * s, s * (1 + z * (1 - s))
+
+
+def _softplus(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.nn.functional.softplus(z), torch.sigmoid(z)
+
+
+ACTIVATIONS = {"scaled_tanh": _scaled_tanh, "tanh": _tanh, "silu": _silu, "softplus": _softplus}
+"""Hidden-layer activations: z ↦ (f(z), f'(z))."""
 
 
 class StackedMLP(torch.nn.Module):
@@ -55,8 +72,41 @@ class StackedMLP(torch.nn.Module):
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             h = torch.matmul(h, w) + b[:, None, :]
             if k < len(self.weights) - 1:
-                h = act(h)
+                h = act(h)[0]
         return h[..., 0]
+
+    def with_input_gradient(
+        self, x: torch.Tensor, input_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs (M, n) and their gradient with respect to the input (M, n, n_in) for x (n, n_in).
+
+        With ``input_scale`` (n_in,) the gradient is multiplied by it per input (the chain rule of
+        an upstream scaling x = s·G, folded into the last product).
+
+        The gradient is written out (backpropagation by hand), so it is an ordinary differentiable
+        function of the weights: training on forces needs one backward pass, not a double one.
+        The first layer is one matrix product for all members, (n, n_in) @ (n_in, M·n_out).
+        """
+        act = ACTIVATIONS[self.activation]
+        members, n_in, _ = self.weights[0].shape
+        last = len(self.weights) - 1
+        h, slopes = x, []
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if k == 0:
+                z = (x @ w.permute(1, 0, 2).reshape(n_in, -1)).view(len(x), members, -1).transpose(0, 1)
+                z = z + b[:, None, :]
+            else:
+                z = torch.baddbmm(b[:, None, :], h, w)
+            if k < last:
+                h, slope = act(z)
+                slopes.append(slope)
+        grad = self.weights[-1][:, None, :, 0]  # ∂out/∂h of the last hidden layer (or of x), (M, 1, width)
+        for k in range(last - 1, -1, -1):
+            w = self.weights[k] if k or input_scale is None else self.weights[0] * input_scale[:, None]
+            grad = torch.bmm(grad * slopes[k], w.transpose(1, 2))
+        if last == 0 and input_scale is not None:
+            grad = grad * input_scale
+        return z[..., 0], grad.expand(members, len(x), n_in)
 
 
 class HDNNPEnsemble(torch.nn.Module):
@@ -162,23 +212,34 @@ class HDNNPEnsemble(torch.nn.Module):
         return energies.detach(), forces
 
     def from_descriptors(
-        self,
-        G: torch.Tensor,
-        derivatives: Derivatives | CentreDerivatives,
-        numbers: torch.Tensor,
-        offsets: torch.Tensor,
-        create_graph: bool = False,
+        self, G: torch.Tensor, derivatives: CentreDerivatives, numbers: torch.Tensor, offsets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies (M, S) eV and forces (M, N, 3) eV/Å from precomputed G (N, F) and sparse dG/dR.
+        """Energies (M, S) eV and forces (M, N, 3) eV/Å from precomputed G (N, F) and dG/dR.
 
-        G is expanded to one copy per member, so one backward pass gives every member's dE/dG.
-        With ``create_graph`` the forces stay differentiable in the weights (training).
+        dE/dG comes from the networks' written-out gradient, so with grad mode on the forces are
+        differentiable in the weights (training) and under ``torch.no_grad`` nothing is recorded.
         """
-        with torch.enable_grad():
-            per_member = G.detach().expand(self.members, -1, -1).requires_grad_(True)
-            atomic = self.atomic_energies(per_member, numbers)
-            (dE_dG,) = torch.autograd.grad(atomic.sum(), per_member, create_graph=create_graph)
-        return self.energies(atomic, numbers, offsets), derivatives.forces(dE_dG, len(numbers))
+        atomic, dE_dG = self.atomic_energies_and_gradients(G, numbers)
+        return self.energies(atomic, numbers, offsets), derivatives.forces(dE_dG)
+
+    def atomic_energies_and_gradients(self, G: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network energies (M, N) eV and their gradient dE/dG atom-major (N, M, F) for G (N, F).
+
+        Each element's atoms go through their network at once; the standardisation is folded into
+        the gradient (dE/dG = dE/dG' / std).
+        """
+        x = self.standardizer(G)
+        element = self.element_index(numbers)
+        inv_std = 1.0 / self.standardizer.std.to(G.dtype)
+        atomic = x.new_zeros(self.members, len(numbers))
+        dE_dG = x.new_zeros(len(numbers), self.members, x.shape[1])
+        for e, network in enumerate(self.networks):
+            atoms = torch.nonzero(element == e).flatten()
+            if len(atoms):
+                energy, grad = network.with_input_gradient(x[atoms], inv_std)
+                atomic.index_copy_(1, atoms, energy)
+                dE_dG.index_copy_(0, atoms, grad.transpose(0, 1))
+        return atomic, dE_dG
 
 
 def _structure_of_atom(offsets: torch.Tensor) -> torch.Tensor:

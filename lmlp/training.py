@@ -116,9 +116,10 @@ class Metrics:
     ensemble: dict[str, float]
 
 
-def predict(model: HDNNPEnsemble, batch: Batch, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energies (M, S) eV and forces (M, N, 3) eV/Å of every member."""
-    return model.from_descriptors(batch.G, batch.derivatives, batch.numbers, batch.offsets, create_graph)
+def predict(model: HDNNPEnsemble, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies (M, S) eV and forces (M, N, 3) eV/Å of every member (differentiable in the weights
+    unless grad mode is off)."""
+    return model.from_descriptors(batch.G, batch.derivatives, batch.numbers, batch.offsets)
 
 
 def member_losses(
@@ -142,9 +143,9 @@ def chunks(batch: Batch) -> list[Batch]:
 
 def predict_all(model: HDNNPEnsemble, pieces: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     """Energies (M, S) eV and forces (M, N, 3) eV/Å of every member over all ``pieces``, float64."""
-    predictions = [predict(model, piece) for piece in pieces]
-    return (torch.cat([e.detach().double() for e, _ in predictions], 1),
-            torch.cat([f.detach().double() for _, f in predictions], 1))
+    with torch.no_grad():
+        predictions = [predict(model, piece) for piece in pieces]
+    return torch.cat([e.double() for e, _ in predictions], 1), torch.cat([f.double() for _, f in predictions], 1)
 
 
 def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float) -> Metrics:
@@ -268,7 +269,7 @@ def _train(cfg: Config, resume: bool) -> TrainingResult:
         batch = train_batch.select(fitted)
         for _ in range(cfg.training.steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
-            energies, forces = predict(model, batch, create_graph=True)
+            energies, forces = predict(model, batch)
             loss, per_structure = member_losses(energies, forces, batch, q, w_f)
             loss.sum().backward()
             optimizer.step()

@@ -54,6 +54,39 @@ def test_stacked_members_equal_separate_networks():
     assert not torch.equal(net.weights[0][0], net.weights[0][1])
 
 
+@pytest.mark.parametrize("activation", ["scaled_tanh", "tanh", "silu", "softplus"])
+@pytest.mark.parametrize("sizes", [[5, 1], [5, 7, 1], [5, 7, 3, 4, 1]])
+def test_written_out_input_gradient_equals_autograd(activation, sizes):
+    net = StackedMLP(3, sizes, activation, seeds=[1, 2, 3])
+    for b in net.biases:
+        b.data.normal_(generator=torch.Generator().manual_seed(4))
+    x = torch.randn(6, sizes[0], dtype=torch.float64, requires_grad=True)
+    out, grad = net.with_input_gradient(x)
+    torch.testing.assert_close(out, net(x), rtol=1e-14, atol=1e-14)
+    for m in range(3):
+        (expected,) = torch.autograd.grad(net(x)[m].sum(), x)
+        torch.testing.assert_close(grad[m], expected, rtol=1e-13, atol=1e-13)
+    scale = torch.linspace(0.5, 2.0, sizes[0], dtype=torch.float64)
+    torch.testing.assert_close(net.with_input_gradient(x, scale)[1], grad * scale, rtol=1e-14, atol=1e-14)
+
+
+def test_force_loss_weight_gradients_equal_double_backward(tiny):
+    model = build(tiny)
+    numbers, positions, offsets = tensors(tiny)
+    G, derivatives = model.descriptor.with_derivatives(numbers, positions, offsets)
+    _, forces = model.from_descriptors(G, derivatives.by_centre(len(numbers)), numbers, offsets)
+    written_out = torch.autograd.grad((forces**2).sum(), list(model.parameters()), allow_unused=True)
+    pos = positions.clone().requires_grad_(True)
+    atomic = model.atomic_energies(model.descriptor(numbers, pos, offsets), numbers)
+    reference = torch.stack([torch.autograd.grad(a.sum(), pos, create_graph=True)[0] for a in atomic])
+    double = torch.autograd.grad((reference**2).sum(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(written_out, double):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_forces_are_minus_energy_gradient(tiny):
     model = build(tiny)
     numbers, positions, offsets = tensors(tiny.subset(np.arange(2)))
@@ -72,7 +105,7 @@ def test_precomputed_derivatives_give_the_same_energies_and_forces(tiny):
     numbers, positions, offsets = tensors(tiny)
     energies, forces = model(numbers, positions, offsets)
     G, derivatives = model.descriptor.with_derivatives(numbers, positions, offsets)
-    e2, f2 = model.from_descriptors(G, derivatives, numbers, offsets)
+    e2, f2 = model.from_descriptors(G, derivatives.by_centre(len(numbers)), numbers, offsets)
     torch.testing.assert_close(e2, energies, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(f2, forces, rtol=1e-10, atol=1e-10)
 
@@ -81,7 +114,7 @@ def test_training_graph_reaches_the_weights_through_the_forces(tiny):
     model = build(tiny)
     numbers, positions, offsets = tensors(tiny)
     G, derivatives = model.descriptor.with_derivatives(numbers, positions, offsets)
-    _, forces = model.from_descriptors(G, derivatives, numbers, offsets, create_graph=True)
+    _, forces = model.from_descriptors(G, derivatives.by_centre(len(numbers)), numbers, offsets)
     loss = (forces**2).sum()
     loss.backward()
     for network in model.networks:

@@ -87,15 +87,15 @@ class CentreDerivatives:
     values: torch.Tensor
     atom: torch.Tensor
 
-    def forces(self, dE_dG: torch.Tensor, n_atoms: int) -> torch.Tensor:
-        """F = −∂E/∂R from dE/dG (..., N, F); returns (..., N, 3)."""
-        lead = dE_dG.shape[:-2]
-        flat = dE_dG.reshape(-1, *dE_dG.shape[-2:]).transpose(0, 1)  # (N, B, F)
-        contribution = torch.bmm(flat, self.values).transpose(0, 1)  # (B, N, 3K)
-        contribution = contribution.reshape(contribution.shape[0], -1, 3)
-        out = contribution.new_zeros(contribution.shape[0], n_atoms, 3)
-        out.index_add_(1, self.atom.flatten(), contribution)
-        return -out.reshape(*lead, n_atoms, 3)
+    def forces(self, dE_dG: torch.Tensor) -> torch.Tensor:
+        """F = −∂E/∂R in eV/Å from dE/dG atom-major: (N, F) → (N, 3), or (N, B, F) → (B, N, 3)."""
+        flat = dE_dG.reshape(len(dE_dG), -1, dE_dG.shape[-1])  # (N, B, F)
+        n, b, width = len(flat), flat.shape[1], self.atom.shape[1]
+        contribution = torch.bmm(flat, self.values).view(n, b, width, 3)  # one matmul per centre atom
+        rows = contribution.transpose(1, 2).reshape(n * width, b * 3)  # (slot, member and xyz)
+        out = rows.new_zeros(n, b * 3).index_add_(0, self.atom.flatten(), rows)
+        out = out.view(n, b, 3).transpose(0, 1)
+        return -(out[0] if dE_dG.dim() == 2 else out)
 
     def select(self, atoms: torch.Tensor, new_index: torch.Tensor) -> CentreDerivatives:
         """The rows of ``atoms`` (whole structures), atom indices mapped through ``new_index``."""
