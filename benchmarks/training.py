@@ -21,7 +21,9 @@ from lmlp.data import read_structures
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.optim import build_optimizer
 from lmlp.selection import DataSelection
-from lmlp.training import build_model, chunks, compute_batch, evaluate, member_losses, predict
+from lmlp.batch import chunks, compute_batch, predict
+from lmlp.metrics import evaluate, member_losses
+from lmlp.training import build_model
 
 
 def main() -> None:

@@ -128,6 +128,9 @@ def data_generate(
 def train_command(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config file (not with --resume).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this directory.")] = None,
+    continue_from: Annotated[Optional[Path], typer.Option(
+        help="Continual learning: start from this model file (and the optimizer and selection state of the "
+             "checkpoint_last.pt beside it) on the config's, possibly grown, data.")] = None,
 ) -> None:
     """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
     from lmlp.config import load_config
@@ -135,7 +138,10 @@ def train_command(
 
     if (config is None) == (resume is None):
         raise LmlpError("give a config file, or --resume RUN_DIR (whose config.yaml is used), not both")
-    result = train(load_config(config or resume / "config.yaml"), resume=resume is not None)
+    if resume is not None and continue_from is not None:
+        raise LmlpError("--resume continues a run as it was started; --continue-from is for a new run")
+    result = train(load_config(config or resume / "config.yaml"), resume=resume is not None,
+                   continue_from=continue_from)
     typer.echo(format_table(result))
 
 
@@ -151,7 +157,7 @@ def evaluate_command(
     from lmlp.data import load
     from lmlp.fileio import atomic_write_text
     from lmlp.modelfile import load_model
-    from lmlp.training import evaluate_model, evaluation_json, format_evaluation
+    from lmlp.metrics import evaluate_model, evaluation_json, format_evaluation
 
     ensemble, _ = load_model(model)
     structures, problems = load(data, on_invalid="skip" if skip_invalid else "raise")
@@ -163,6 +169,21 @@ def evaluate_command(
     target = out or model.with_name(f"evaluation_{data.stem}{'_' + split if split else ''}.json")
     atomic_write_text(target, json.dumps(evaluation_json(results), indent=2))
     typer.echo(f"written to {target}")
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="A model file (model.pt).")],
+    out: Annotated[Optional[Path], typer.Argument(help="TorchScript file to write (default: MODEL with .ts).")] = None,
+) -> None:
+    """Export a model as TorchScript, for C++ (torch::jit::load) and MD codes; no lmlp needed to run it."""
+    from lmlp.export import export_model
+    from lmlp.modelfile import load_model
+
+    target = out or model.with_suffix(".ts")
+    export_model(load_model(model)[0], target)
+    typer.echo(f"wrote {target}: inputs numbers (N,), positions (N, 3) Å[, pairs (2, P), shifts (P, 3) Å]; "
+               f"outputs energies (M,) eV, forces (M, N, 3) eV/Å")
 
 
 @config_app.command("check")

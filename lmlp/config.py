@@ -84,15 +84,15 @@ class DescriptorConfig:
 
     kind: Literal["eeacsf", "acsf"] = "eeacsf"
     """Element-embracing weights ("eeacsf") or plain Behler ACSFs, one set per element (pair) ("acsf")."""
-    cutoff: float = _field(6.0, gt=0)
+    cutoff: float = _field(12.0, gt=0)
     """Cutoff radius R_c, Å."""
     cutoff_function: Literal["cos"] = "cos"
     """f_c(r) = ½[cos(π r/R_c) + 1] inside R_c."""
-    radial_types: list[int] = _field([0, 1, 2, 4, 5], ge=0, le=6, unique=True)
+    radial_types: list[int] = _field([0, 1, 2], ge=0, le=6, unique=True)
     """Element weight types t (0..6) of the radial functions."""
-    radial_eta: list[float] = _field([4.0] * 8, gt=0)
+    radial_eta: list[float] = _field([4.0] * 8 + [1.0] * 6, gt=0)
     """Gaussian widths η, Å⁻²; paired element by element with ``radial_rs``."""
-    radial_rs: list[float] = _field([0.8, 1.5, 2.2, 2.9, 3.6, 4.3, 5.0, 5.7], ge=0)
+    radial_rs: list[float] = _field([0.8, 1.5, 2.2, 2.9, 3.6, 4.3, 5.0, 5.7, 6.5, 7.5, 8.5, 9.5, 10.5, 11.5], ge=0)
     """Gaussian centres r_s, Å; as many as ``radial_eta``."""
     angular_types: list[int] = _field([0, 1, 2], ge=0, le=6, unique=True)
     """Element weight types t (0..6) of the angular functions."""

@@ -115,12 +115,13 @@ class HDNNPEnsemble(torch.nn.Module):
     Args:
         descriptor: the symmetry functions.
         standardizer: descriptor mean and std of the training set.
-        elements: atomic numbers the model knows, sorted.
+        elements: atomic numbers the model knows, in the order of its networks.
         reference_energies: (n_elements,) E_ref per element, eV.
         hidden: hidden-layer widths.
         activation: hidden activation (``ACTIVATIONS``).
         members: M.
-        seed: member m is initialised with seed ``seed + m``.
+        seed: member m of the network of element position e is initialised with seed
+            ``seed + m + 1000 e``.
     """
 
     def __init__(
@@ -137,18 +138,36 @@ class HDNNPEnsemble(torch.nn.Module):
         super().__init__()
         self.descriptor = descriptor
         self.standardizer = standardizer
-        self.register_buffer("elements", torch.tensor(sorted(elements), dtype=torch.int64))
+        self.register_buffer("elements", torch.tensor(list(elements), dtype=torch.int64))
         # Fixed point (µeV, int64) so that casting the model to float32 keeps E_ref exact to 1 µeV.
         micro_ev = torch.round(reference_energies.detach().to(torch.float64) * 1e6).to(torch.int64)
         self.register_buffer("reference_energies_micro_ev", micro_ev)
         self.hyperparameters = dict(hidden=list(hidden), activation=activation, members=members, seed=seed)
         """The network constructor arguments, to rebuild the model from a model file."""
-        sizes = [descriptor.n_functions, *hidden, 1]
-        self.networks = torch.nn.ModuleList(
-            StackedMLP(members, sizes, activation, [seed + m + 1000 * e for m in range(members)])
-            for e in range(len(elements))
-        )
         self.members = members
+        self.networks = torch.nn.ModuleList(self._network(e) for e in range(len(elements)))
+
+    def _network(self, position: int) -> StackedMLP:
+        """A freshly initialised stacked network for the element at ``position``."""
+        h = self.hyperparameters
+        sizes = [self.descriptor.n_functions, *h["hidden"], 1]
+        return StackedMLP(self.members, sizes, h["activation"],
+                          [h["seed"] + m + 1000 * position for m in range(self.members)])
+
+    def add_elements(self, elements: list[int], reference_energies: torch.Tensor) -> list[StackedMLP]:
+        """Append freshly initialised networks for new ``elements`` with E_ref (eV); return them.
+
+        Lifelong learning on data with new elements (spec §7): the known networks are untouched.
+        """
+        if set(elements) & set(self.elements.tolist()) or len(set(elements)) != len(elements):
+            raise ValueError(f"elements {elements} are already known or repeated")
+        dtype = next(self.parameters()).dtype
+        new = [self._network(len(self.networks) + k).to(dtype) for k in range(len(elements))]
+        self.networks.extend(new)
+        self.elements = torch.cat([self.elements, torch.tensor(elements, dtype=torch.int64)])
+        micro_ev = torch.round(reference_energies.detach().to(torch.float64) * 1e6).to(torch.int64)
+        self.reference_energies_micro_ev = torch.cat([self.reference_energies_micro_ev, micro_ev])
+        return new
 
     @property
     def reference_energies(self) -> torch.Tensor:
@@ -157,8 +176,11 @@ class HDNNPEnsemble(torch.nn.Module):
 
     def element_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """(N,) position of each atom's element in ``elements``; ValueError for unknown ones."""
-        index = torch.searchsorted(self.elements, numbers)
-        known = (index < len(self.elements)) & (self.elements[index.clamp(max=len(self.elements) - 1)] == numbers)
+        size = max(int(self.elements.max()), int(numbers.max()) if len(numbers) else 0) + 1
+        lookup = torch.full((size,), -1, dtype=torch.int64, device=numbers.device)
+        lookup[self.elements] = torch.arange(len(self.elements), device=numbers.device)
+        index = lookup[numbers.clamp(min=0)]
+        known = (index >= 0) & (numbers >= 0)
         if not bool(known.all()):
             unknown = sorted(set(numbers[~known].tolist()))
             raise ValueError(f"the model does not know the elements with Z = {unknown}")
@@ -248,16 +270,26 @@ def _structure_of_atom(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def fit_reference_energies(
-    numbers: np.ndarray, offsets: np.ndarray, energies: np.ndarray, elements: list[int]
+    numbers: np.ndarray,
+    offsets: np.ndarray,
+    energies: np.ndarray,
+    elements: list[int],
+    known: dict[int, float] | None = None,
 ) -> np.ndarray:
-    """Per-element reference energies (n_elements,) eV: least squares of energies on composition.
+    """Reference energies (len(elements),) eV of ``elements`` (in that order): least squares of the
+    structure energies on composition, after subtracting the ``known`` E_ref (eV) of other elements.
 
     Collinear compositions (e.g. every SN2 structure has one C and three H) make the fit
     rank-deficient; the minimum-norm solution is returned, which reproduces the same totals.
     """
-    structure = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    column = np.searchsorted(np.asarray(sorted(elements)), numbers)
-    counts = np.zeros((len(offsets) - 1, len(elements)))
-    np.add.at(counts, (structure, column), 1.0)
-    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    n_structures = len(offsets) - 1
+    structure = np.repeat(np.arange(n_structures), np.diff(offsets))
+    known_energy = np.zeros(len(numbers))
+    for z, e_ref in (known or {}).items():
+        known_energy[numbers == z] = e_ref
+    residual = np.asarray(energies, dtype=np.float64) - np.bincount(structure, known_energy, n_structures)
+    counts = np.zeros((n_structures, len(elements)))
+    for k, z in enumerate(elements):
+        counts[:, k] = np.bincount(structure, numbers == z, n_structures)
+    solution, *_ = np.linalg.lstsq(counts, residual, rcond=None)
     return solution

@@ -71,6 +71,15 @@ class DataSelection:
         self.weights = torch.cat([self.weights, torch.full((n_new,), self.cfg.p_new, dtype=torch.float64)])
         self.extreme = torch.cat([self.extreme, torch.zeros(n_new, dtype=torch.int64)])
 
+    def carry_over(self, state: dict[str, Any], match: torch.Tensor) -> None:
+        """Continual learning: take weights, outlier counters and the random stream from an earlier
+        selection ``state``; ``match`` (n,) gives each structure's index there, −1 for new ones
+        (which get p_new)."""
+        known = match >= 0
+        self.weights = torch.where(known, state["weights"][match.clamp(min=0)], self.cfg.p_new)
+        self.extreme = torch.where(known, state["extreme"][match.clamp(min=0)], 0)
+        self.generator.set_state(state["generator"])
+
     def state_dict(self) -> dict[str, Any]:
         """Weights, outlier counters and the random stream, for checkpoints."""
         return {"weights": self.weights.clone(), "extreme": self.extreme.clone(),

@@ -1,4 +1,4 @@
-"""Training an HDNNP ensemble (spec §4): cached descriptors, selection, optimizer steps, metrics.
+"""Training an HDNNP ensemble (spec §4, §6, §7): the epoch loop, checkpoints and the run directory.
 
 Per epoch: lADS draws the structures to fit → one optimizer step per ``steps_per_epoch`` on the loss
 
@@ -8,174 +8,90 @@ summed over members m (members are independent) → energy and force RMSE / MAE 
 the ensemble mean on the training and test structures. Each member keeps the weights of its epoch
 with the lowest test loss (early stopping). Energies eV, forces eV/Å; reported metrics meV/atom
 and meV/Å.
+
+Run directory: config.yaml (resolved), run.json (versions, seeds, data hash), train.log,
+learning_curve.csv, checkpoint_last.pt (everything to resume), checkpoint_best.pt (a model file
+with the best weights so far), model.pt, metrics.json and PNG plots. Every file is written
+atomically.
+
+Continual learning (``continue_from``): the weights of a model file, and the optimizer and
+selection state of the ``checkpoint_last.pt`` beside it, carry over to a data set that grew.
+Structures are matched by content; new ones enter the selection with p_new, and networks for
+new elements are added with reference energies fitted on the new data.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import lmlp
+from lmlp.batch import Batch, chunks, compute_batch, predict, predict_all
 from lmlp.config import Config, dump_config
 from lmlp.data import StructureSet, load
-from lmlp.descriptors import CentreDerivatives, Standardizer, SymmetryFunctions
+from lmlp.descriptors import Standardizer, SymmetryFunctions
 from lmlp.errors import LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
+from lmlp.metrics import UNITS, Metrics, evaluate, evaluate_model, member_losses, metrics_dict
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
-from lmlp.modelfile import save_model
+from lmlp.modelfile import load_model, save_model
 from lmlp.optim import build_optimizer
 from lmlp.selection import DataSelection
-
-UNITS = {"energy": "meV/atom", "forces": "meV/Angstrom"}
-"""Units of every reported metric."""
-
-STRUCTURES_PER_CHUNK = 500
-"""Structures per descriptor computation (bounds temporaries, keeps the cache-friendly size)."""
-
-
-@dataclass
-class Batch:
-    """Descriptors and labels of a set of structures, ready for the model.
-
-    Attributes:
-        numbers: (N,) atomic numbers. offsets: (S + 1,) atom offsets.
-        G: (N, F) descriptors. derivatives: dG/dR grouped by centre atom.
-        energy: (S,) float64 reference energies, eV. forces: (N, 3) reference forces, eV/Å.
-    """
-
-    numbers: torch.Tensor
-    offsets: torch.Tensor
-    G: torch.Tensor
-    derivatives: CentreDerivatives
-    energy: torch.Tensor
-    forces: torch.Tensor
-
-    @property
-    def n_atoms(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    @property
-    def structure_of_atom(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(len(self.energy)), self.n_atoms)
-
-    def select(self, indices: torch.Tensor) -> Batch:
-        """The structures ``indices`` (sorted), with atom indices renumbered."""
-        keep = torch.zeros(len(self.energy), dtype=torch.bool)
-        keep[indices] = True
-        atom_keep = keep[self.structure_of_atom]
-        new_atom = torch.cumsum(atom_keep, 0) - 1
-        atoms = torch.nonzero(atom_keep).flatten()
-        return Batch(
-            numbers=self.numbers[atoms],
-            offsets=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(self.n_atoms[indices], 0)]),
-            G=self.G[atoms],
-            derivatives=self.derivatives.select(atoms, new_atom),
-            energy=self.energy[indices],
-            forces=self.forces[atoms],
-        )
-
-
-def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> Batch:
-    """Descriptors and derivatives of every structure of ``s``, computed once in chunks."""
-    G_parts, derivative_parts, starts = [], [], []
-    for start in range(0, len(s), STRUCTURES_PER_CHUNK):
-        part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
-        numbers, offsets = torch.from_numpy(part.numbers), torch.from_numpy(part.offsets)
-        G, d = descriptor.with_derivatives(numbers, torch.from_numpy(part.positions).to(dtype), offsets)
-        G_parts.append(G)
-        derivative_parts.append(d.by_centre(len(numbers)))
-        starts.append(int(s.offsets[start]))
-    return Batch(
-        numbers=torch.from_numpy(s.numbers),
-        offsets=torch.from_numpy(s.offsets),
-        G=torch.cat(G_parts),
-        derivatives=CentreDerivatives.cat(derivative_parts, starts),
-        energy=torch.from_numpy(s.energy),
-        forces=torch.from_numpy(s.forces).to(dtype),
-    )
-
-
-@dataclass
-class Metrics:
-    """Errors of members (M,) and of the ensemble mean: energy per atom meV/atom, forces meV/Å;
-    ``loss`` (M,) is the training loss of each member (eV²/atom², eV²/Å² terms)."""
-
-    rmse_e: np.ndarray
-    mae_e: np.ndarray
-    rmse_f: np.ndarray
-    mae_f: np.ndarray
-    loss: np.ndarray
-    ensemble: dict[str, float]
-
-
-def predict(model: HDNNPEnsemble, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energies (M, S) eV and forces (M, N, 3) eV/Å of every member (differentiable in the weights
-    unless grad mode is off)."""
-    return model.from_descriptors(batch.G, batch.derivatives, batch.numbers, batch.offsets)
-
-
-def member_losses(
-    energies: torch.Tensor, forces: torch.Tensor, batch: Batch, q: float, w_f: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss per member (M,) and loss per member and structure (M, S) (spec §4)."""
-    n = batch.n_atoms.to(forces.dtype)
-    de = ((energies - batch.energy) / batch.n_atoms).to(forces.dtype)  # difference in float64
-    df2 = ((forces - batch.forces) ** 2).sum(-1)
-    per_structure_f = torch.zeros_like(de).index_add_(1, batch.structure_of_atom, df2) / (3 * n)
-    per_structure = q**2 * de**2 + w_f * per_structure_f
-    total = q**2 * (de**2).mean(1) + w_f * df2.sum(1) / (3 * len(batch.numbers))
-    return total, per_structure
-
-
-def chunks(batch: Batch) -> list[Batch]:
-    """``batch`` cut into pieces of ``STRUCTURES_PER_CHUNK`` structures (for evaluation)."""
-    n = len(batch.energy)
-    return [batch.select(torch.arange(a, min(a + STRUCTURES_PER_CHUNK, n))) for a in range(0, n, STRUCTURES_PER_CHUNK)]
-
-
-def predict_all(model: HDNNPEnsemble, pieces: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energies (M, S) eV and forces (M, N, 3) eV/Å of every member over all ``pieces``, float64."""
-    with torch.no_grad():
-        predictions = [predict(model, piece) for piece in pieces]
-    return torch.cat([e.double() for e, _ in predictions], 1), torch.cat([f.double() for _, f in predictions], 1)
-
-
-def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float) -> Metrics:
-    """Metrics of every member and of the ensemble mean over the structures of ``pieces``."""
-    energies, forces = predict_all(model, pieces)
-    reference_e = torch.cat([p.energy for p in pieces])
-    reference_f = torch.cat([p.forces for p in pieces]).double()
-    n_atoms = torch.cat([p.n_atoms for p in pieces])
-    de = (energies - reference_e) / n_atoms * 1000.0
-    df = (forces - reference_f).flatten(1) * 1000.0
-    de_ens, df_ens = (energies.mean(0) - reference_e) / n_atoms * 1000.0, df.reshape(*forces.shape).mean(0).flatten()
-    mse_e, mse_f = de.pow(2).mean(1), df.pow(2).mean(1)
-    return Metrics(
-        rmse_e=mse_e.sqrt().numpy(), mae_e=de.abs().mean(1).numpy(),
-        rmse_f=mse_f.sqrt().numpy(), mae_f=df.abs().mean(1).numpy(),
-        loss=(q**2 * mse_e + w_f * mse_f).numpy() / 1e6,
-        ensemble={"rmse_e": float(de_ens.pow(2).mean().sqrt()), "mae_e": float(de_ens.abs().mean()),
-                  "rmse_f": float(df_ens.pow(2).mean().sqrt()), "mae_f": float(df_ens.abs().mean())},
-    )
 
 
 @dataclass
 class TrainingResult:
-    """What ``train`` produced: the run directory, final metrics and the wall time in s."""
+    """What ``train`` produced: the run directory, final metrics, best epochs and the wall time in s.
+
+    ``continual`` maps each test label (reaction) to its ensemble test RMSEs before and after a
+    continued run (empty for a fresh run).
+    """
 
     run_dir: Path
     train: Metrics
     test: Metrics
     best_epoch: np.ndarray
     wall_time: float
+    continual: dict[str, dict[str, Any]]
+
+
+class RunLog:
+    """Messages to the terminal and to ``train.log``; a progress bar on a terminal."""
+
+    def __init__(self, path: Path, progress: bool, epochs: int, first_epoch: int) -> None:
+        self.file = open(path, "a", encoding="utf-8")
+        self.bar = tqdm(total=epochs, initial=first_epoch - 1, unit="epoch", dynamic_ncols=True,
+                        disable=not (progress and sys.stderr.isatty()))
+
+    def __call__(self, message: str, echo: bool = True) -> None:
+        self.file.write(message + "\n")
+        self.file.flush()
+        if echo:
+            if self.bar.disable:
+                print(message, flush=True)
+            else:
+                self.bar.write(message)
+
+    def epoch(self, test: Metrics) -> None:
+        self.bar.set_postfix_str(f"test E {test.ensemble['rmse_e']:.2f} meV/atom, F {test.ensemble['rmse_f']:.1f} meV/Å",
+                                 refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
 
 
 def load_training_data(cfg: Config) -> StructureSet:
@@ -202,6 +118,16 @@ def load_training_data(cfg: Config) -> StructureSet:
     return subset
 
 
+def fingerprints(s: StructureSet) -> torch.Tensor:
+    """(S,) int64 content hash of every structure (atomic numbers and positions), to match
+    structures between data sets."""
+    digests = [
+        hashlib.blake2b(s.numbers[a:b].tobytes() + s.positions[a:b].tobytes(), digest_size=8).digest()
+        for a, b in zip(s.offsets[:-1], s.offsets[1:])
+    ]
+    return torch.from_numpy(np.frombuffer(b"".join(digests), dtype=np.int64).copy())
+
+
 def build_model(cfg: Config, train: StructureSet, batch_G: torch.Tensor, descriptor: SymmetryFunctions) -> HDNNPEnsemble:
     """A new ensemble with standardisation and reference energies fitted on the training set."""
     elements = sorted(set(train.numbers.tolist()))
@@ -211,23 +137,32 @@ def build_model(cfg: Config, train: StructureSet, batch_G: torch.Tensor, descrip
                          members=cfg.ensemble.members, seed=cfg.ensemble.seed)
 
 
-def train(cfg: Config, resume: bool = False) -> TrainingResult:
+def train(cfg: Config, resume: bool = False, continue_from: str | Path | None = None) -> TrainingResult:
     """Train the ensemble ``cfg`` describes and write the run directory.
 
     Runs with torch's deterministic algorithms (multi-threaded ``index_add_`` otherwise sums in a
     varying order), so a run is bitwise reproducible. With ``resume`` the run continues from
     ``checkpoint_last.pt`` in the run directory; as every random stream is in the checkpoint, it
-    ends with the same weights as an uninterrupted run.
+    ends with the same weights as an uninterrupted one. ``continue_from`` (a model file) starts a
+    continual-learning run from a trained model (module docstring).
     """
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, resume)
+        return _train(cfg, resume, None if continue_from is None else Path(continue_from))
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _train(cfg: Config, resume: bool) -> TrainingResult:
+@dataclass
+class _Carried:
+    """What a continued run takes over from the earlier one."""
+
+    model: HDNNPEnsemble
+    checkpoint: dict[str, Any] | None
+
+
+def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingResult:
     """``train`` under deterministic algorithms."""
     start_time = time.perf_counter()
     if cfg.training.threads:
@@ -237,73 +172,205 @@ def _train(cfg: Config, resume: bool) -> TrainingResult:
     train_set, test_set = data.split_subset("train"), data.split_subset("test")
     if len(train_set) == 0 or len(test_set) == 0:
         raise LmlpError(f"{cfg.data.path}: the train and test splits must both be non-empty")
-    elements = sorted(set(data.numbers.tolist()))
-    descriptor = SymmetryFunctions.from_config(cfg.descriptor, elements)
-    train_batch = compute_batch(train_set, descriptor, dtype)
-    test_batch = compute_batch(test_set, descriptor, dtype)
-    train_pieces, test_pieces = chunks(train_batch), chunks(test_batch)
-    model = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
-
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_provenance(cfg, run_dir)
-    optimizer = _optimizer(cfg, model)
-    selection = DataSelection(cfg.selection, len(train_set), cfg.training.seed)
-    q, w_f = cfg.training.energy_weight, cfg.training.force_weight
-    best_loss = np.full(cfg.ensemble.members, np.inf)
-    best_epoch = np.zeros(cfg.ensemble.members, dtype=int)
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows: list[dict[str, float]] = []
-    first_epoch = 1
-    checkpoint = run_dir / "checkpoint_last.pt"
     if resume:
-        saved = _load_checkpoint(checkpoint)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        selection.load_state_dict(saved["selection"])
-        best_state, rows = saved["best_state"], saved["rows"]
-        best_loss, best_epoch = np.array(saved["best_loss"]), np.array(saved["best_epoch"])
-        first_epoch = saved["epoch"] + 1
-    for epoch in range(first_epoch, cfg.training.epochs + 1):
-        fitted = selection.select()
-        batch = train_batch.select(fitted)
-        for _ in range(cfg.training.steps_per_epoch):
-            optimizer.zero_grad(set_to_none=True)
-            energies, forces = predict(model, batch)
-            loss, per_structure = member_losses(energies, forces, batch, q, w_f)
-            loss.sum().backward()
-            optimizer.step()
-        per_structure = per_structure.detach().mean(0)
-        outliers = selection.update(fitted, per_structure, float(per_structure.mean()))
-        for i in outliers.tolist():
-            print(f"epoch {epoch}: structure {int(data.split['train'][i])} of {cfg.data.path} had an extreme "
-                  f"error in {cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)",
-                  flush=True)
+        saved = _load_checkpoint(run_dir / "checkpoint_last.pt")
+        continue_from = Path(saved["continue_from"]) if saved.get("continue_from") else None
+    carried = _carry_over(cfg, continue_from) if continue_from is not None else None
+    if carried is not None:
+        descriptor = carried.model.descriptor
+    else:
+        descriptor = SymmetryFunctions.from_config(cfg.descriptor, sorted(set(data.numbers.tolist())))
+    train_batch, test_batch = compute_batch(train_set, descriptor, dtype), compute_batch(test_set, descriptor, dtype)
+    train_pieces, test_pieces = chunks(train_batch), chunks(test_batch)
+    q, w_f = cfg.training.energy_weight, cfg.training.force_weight
+    if carried is None:
+        model = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
+    else:
+        model = carried.model.to(dtype)
+        known_test = _known_structures(model, test_set)
+        before = evaluate_model(model, known_test, q, w_f) if len(known_test) else {}
+        _add_new_elements(model, train_set)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_provenance(cfg, run_dir, continue_from)
+    first_epoch = saved["epoch"] + 1 if resume else 1
+    log = RunLog(run_dir / "train.log", cfg.output.progress, cfg.training.epochs, first_epoch)
+    try:
+        if carried is not None and carried.checkpoint is not None and not resume:
+            optimizer = _carried_optimizer(cfg, model, carried.checkpoint)
+        else:
+            optimizer = _optimizer(cfg, model.networks)
+        selection = DataSelection(cfg.selection, len(train_set), cfg.training.seed)
+        train_fingerprints = fingerprints(train_set)
+        best_loss = np.full(cfg.ensemble.members, np.inf)
+        best_epoch = np.zeros(cfg.ensemble.members, dtype=int)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        rows: list[dict[str, float]] = []
+        if resume:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            selection.load_state_dict(saved["selection"])
+            best_state, rows = saved["best_state"], saved["rows"]
+            best_loss, best_epoch = np.array(saved["best_loss"]), np.array(saved["best_epoch"])
+            log(f"resumed {run_dir} after epoch {saved['epoch']}")
+        elif carried is not None:
+            _carry_selection(carried, selection, train_fingerprints, log)
+        log(f"{len(train_set)} training and {len(test_set)} test structures from {cfg.data.path}; "
+            f"{cfg.ensemble.members} members, {descriptor.n_functions} descriptors, {cfg.optimizer.name}, "
+            f"{cfg.training.epochs} epochs of {selection.n_fit} structures", echo=False)
+        for epoch in range(first_epoch, cfg.training.epochs + 1):
+            _fit_epoch(cfg, model, optimizer, selection, train_batch, epoch, data.split["train"], log)
+            train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
+            improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
+            best_loss = np.where(improved, test_m.loss, best_loss)
+            best_epoch = np.where(improved, epoch, best_epoch)
+            _keep_best(model, best_state, improved)
+            rows.append(_curve_row(epoch, train_m, test_m))
+            log.epoch(test_m)
+            if epoch % max(1, cfg.training.epochs // 20) == 0 or epoch == 1:
+                log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble test RMSE E {test_m.ensemble['rmse_e']:.2f} "
+                    f"meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", echo=cfg.output.progress)
+            if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
+                _write_curve(run_dir / "learning_curve.csv", rows)
+                _save_best(model, best_state, run_dir / "checkpoint_best.pt", best_epoch, best_loss)
+                with atomic_path(run_dir / "checkpoint_last.pt") as tmp:
+                    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "optimizer_name": cfg.optimizer.name, "selection": selection.state_dict(),
+                                "fingerprints": train_fingerprints, "best_state": best_state,
+                                "best_loss": best_loss.tolist(), "best_epoch": best_epoch.tolist(), "rows": rows,
+                                "continue_from": None if continue_from is None else str(continue_from)}, tmp)
+        model.load_state_dict(best_state)
         train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
-        improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
-        best_loss = np.where(improved, test_m.loss, best_loss)
-        best_epoch = np.where(improved, epoch, best_epoch)
-        _keep_best(model, best_state, improved)
-        rows.append(_curve_row(epoch, train_m, test_m))
-        if cfg.output.progress and (epoch % max(1, cfg.training.epochs // 20) == 0 or epoch == 1):
-            print(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble test RMSE E "
-                  f"{test_m.ensemble['rmse_e']:.2f} meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", flush=True)
-        if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
-            _write_curve(run_dir / "learning_curve.csv", rows)
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "selection": selection.state_dict(), "best_state": best_state,
-                            "best_loss": best_loss.tolist(), "best_epoch": best_epoch.tolist(), "rows": rows}, tmp)
-    model.load_state_dict(best_state)
-    train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
-    wall = time.perf_counter() - start_time
-    save_model(run_dir / "model.pt", model, {"test_rmse_e": test_m.rmse_e.tolist(),
-                                             "test_rmse_f": test_m.rmse_f.tolist(),
-                                             "best_epoch": best_epoch.tolist(), "config": dump_config(cfg)})
-    atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(train_m, test_m, best_epoch, wall), indent=2))
-    if cfg.output.plots:
-        _write_plots(model, rows, test_pieces, run_dir)
-    return TrainingResult(run_dir, train_m, test_m, best_epoch, wall)
+        continual = _continual_report(before, model, test_set, known_test, q, w_f, log) if carried else {}
+        wall = time.perf_counter() - start_time
+        save_model(run_dir / "model.pt", model, {"test_rmse_e": test_m.rmse_e.tolist(),
+                                                 "test_rmse_f": test_m.rmse_f.tolist(),
+                                                 "best_epoch": best_epoch.tolist(), "config": dump_config(cfg)})
+        result = TrainingResult(run_dir, train_m, test_m, best_epoch, wall, continual)
+        atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(result), indent=2))
+        if cfg.output.plots:
+            _write_plots(model, rows, test_pieces, run_dir)
+        log(format_table(result), echo=False)
+        return result
+    finally:
+        log.close()
+
+
+def _fit_epoch(
+    cfg: Config, model: HDNNPEnsemble, optimizer: torch.optim.Optimizer, selection: DataSelection,
+    train_batch: Batch, epoch: int, data_index: np.ndarray, log: RunLog,
+) -> None:
+    """Selection → optimizer step(s) → selection update from the fitted structures' losses."""
+    fitted = selection.select()
+    batch = train_batch.select(fitted)
+    for _ in range(cfg.training.steps_per_epoch):
+        optimizer.zero_grad(set_to_none=True)
+        energies, forces = predict(model, batch)
+        loss, per_structure = member_losses(energies, forces, batch, cfg.training.energy_weight,
+                                            cfg.training.force_weight)
+        loss.sum().backward()
+        optimizer.step()
+    per_structure = per_structure.detach().mean(0)
+    for i in selection.update(fitted, per_structure, float(per_structure.mean())).tolist():
+        log(f"epoch {epoch}: structure {int(data_index[i])} of {cfg.data.path} had an extreme error in "
+            f"{cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)")
+
+
+def _carry_over(cfg: Config, path: Path) -> _Carried:
+    """The model of ``path`` and the ``checkpoint_last.pt`` beside it (if any), checked against ``cfg``."""
+    model, _ = load_model(path)
+    h = model.hyperparameters
+    wanted = {"hidden": list(cfg.model.hidden), "activation": cfg.model.activation, "members": cfg.ensemble.members}
+    for key, value in wanted.items():
+        if h[key] != value:
+            raise LmlpError(f"{path}: the model has {key} = {h[key]}, the config asks for {value}; "
+                            f"a continued run keeps the model's architecture")
+    descriptor = SymmetryFunctions.from_config(cfg.descriptor, model.descriptor.hyperparameters["elements"])
+    if descriptor.hyperparameters != model.descriptor.hyperparameters:
+        raise LmlpError(f"{path}: the config's descriptor section differs from the model's; a continued "
+                        f"run keeps the model's descriptor")
+    checkpoint_path = path.parent / "checkpoint_last.pt"
+    return _Carried(model, _load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None)
+
+
+def _add_new_elements(model: HDNNPEnsemble, train_set: StructureSet) -> None:
+    """Networks for elements of ``train_set`` the model does not know, E_ref fitted on ``train_set``."""
+    known = dict(zip(model.elements.tolist(), model.reference_energies.tolist()))
+    new = sorted(set(train_set.numbers.tolist()) - set(known))
+    if new:
+        e_ref = fit_reference_energies(train_set.numbers, train_set.offsets, train_set.energy, new, known)
+        model.add_elements(new, torch.from_numpy(e_ref))
+
+
+def _carried_optimizer(cfg: Config, model: HDNNPEnsemble, saved: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer with the earlier run's state for the known element networks (this config's
+    hyperparameters) and fresh groups for new elements."""
+    if saved["optimizer_name"] != cfg.optimizer.name:
+        raise LmlpError(f"the earlier run used the {saved['optimizer_name']} optimizer, this config "
+                        f"{cfg.optimizer.name}; its state cannot carry over")
+    n_known = len(saved["optimizer"]["param_groups"])
+    optimizer = _optimizer(cfg, model.networks[:n_known])
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.update(fresh)
+    for group in _optimizer_groups(cfg, model.networks[n_known:]):
+        optimizer.add_param_group(group)
+    return optimizer
+
+
+def _carry_selection(carried: _Carried, selection: DataSelection, train_fingerprints: torch.Tensor, log: RunLog) -> None:
+    """Selection weights of the known structures (matched by content) from the earlier run."""
+    saved = carried.checkpoint
+    if saved is None:
+        log("no checkpoint_last.pt beside the model: the optimizer and the selection start afresh")
+        return
+    old = {f: k for k, f in enumerate(saved["fingerprints"].tolist())}
+    match = torch.tensor([old.get(f, -1) for f in train_fingerprints.tolist()], dtype=torch.int64)
+    selection.carry_over(saved["selection"], match)
+    log(f"continued from {len(old)} earlier training structures: {int((match >= 0).sum())} known and "
+        f"{int((match < 0).sum())} new ones in this training set")
+
+
+def _known_structures(model: HDNNPEnsemble, s: StructureSet) -> StructureSet:
+    """The structures of ``s`` made only of elements ``model`` knows."""
+    structure = np.repeat(np.arange(len(s)), np.diff(s.offsets))
+    unknown = ~np.isin(s.numbers, model.elements.numpy())
+    return s.subset(np.setdiff1d(np.arange(len(s)), structure[unknown]))
+
+
+EARLIER = "known elements, all"
+"""Report row of a continued run: every test structure the earlier model could already predict."""
+
+
+def _continual_report(
+    before: dict[str, Metrics], model: HDNNPEnsemble, test_set: StructureSet, known: StructureSet,
+    q: float, w_f: float, log: RunLog,
+) -> dict[str, dict]:
+    """Ensemble test RMSEs per label, and over the ``known`` structures, before and after a
+    continued run; logged as a table."""
+    after = evaluate_model(model, test_set, q, w_f)
+    report = {label: {"before": before[label].ensemble if label in before else None, "after": m.ensemble}
+              for label, m in after.items() if label != "all"}
+    if len(known):
+        report[EARLIER] = {"before": before["all"].ensemble,
+                           "after": evaluate_model(model, known, q, w_f)["all"].ensemble}
+    width = max(len(k) for k in report)
+    lines = ["continual learning, ensemble test RMSE (E meV/atom, F meV/Å) before → after:"]
+    for label, r in report.items():
+        b = f"{r['before']['rmse_e']:7.2f} {r['before']['rmse_f']:7.1f}" if r["before"] else f"{'new':>15s}"
+        lines.append(f"  {label:{width}s}  {b}  →  {r['after']['rmse_e']:7.2f} {r['after']['rmse_f']:7.1f}")
+    log("\n".join(lines))
+    return report
+
+
+def _save_best(model: HDNNPEnsemble, best_state: dict[str, torch.Tensor], path: Path, best_epoch: np.ndarray,
+               best_loss: np.ndarray) -> None:
+    """A model file with each member's best weights so far."""
+    best = copy.deepcopy(model)
+    best.load_state_dict(best_state)
+    save_model(path, best, {"best_epoch": best_epoch.tolist(), "best_test_loss": best_loss.tolist()})
 
 
 def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces: list[Batch], run_dir: Path) -> None:
@@ -328,12 +395,17 @@ def _load_checkpoint(path: Path) -> dict:
         raise LmlpError(f"{path}: unreadable checkpoint (truncated or corrupted?): {type(exc).__name__}") from None
 
 
-def _optimizer(cfg: Config, model: HDNNPEnsemble) -> torch.optim.Optimizer:
-    """The configured optimizer; CoRe freezes per member (member_dim 0 of stacked tensors)."""
-    params: list = list(model.parameters())
-    if cfg.optimizer.name == "core":
-        params = [{"params": params, "member_dim": 0}]
-    return build_optimizer(cfg.optimizer.name, params, cfg.optimizer.lr, **cfg.optimizer.params)
+def _optimizer(cfg: Config, networks: torch.nn.ModuleList) -> torch.optim.Optimizer:
+    """The configured optimizer over the element ``networks``."""
+    return build_optimizer(cfg.optimizer.name, _optimizer_groups(cfg, networks), cfg.optimizer.lr,
+                           **cfg.optimizer.params)
+
+
+def _optimizer_groups(cfg: Config, networks: torch.nn.ModuleList) -> list[dict[str, Any]]:
+    """One parameter group per element network (new elements of a continued run become new
+    groups); CoRe freezes per member (member_dim 0 of the stacked tensors)."""
+    extra = {"member_dim": 0} if cfg.optimizer.name == "core" else {}
+    return [{"params": list(network.parameters()), **extra} for network in networks]
 
 
 def _keep_best(model: HDNNPEnsemble, best: dict[str, torch.Tensor], improved: np.ndarray) -> None:
@@ -361,24 +433,21 @@ def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
-def _metrics_json(train_m: Metrics, test_m: Metrics, best_epoch: np.ndarray, wall: float) -> dict:
-    return {"units": UNITS, "train": _metrics_dict(train_m), "test": _metrics_dict(test_m),
-            "best_epoch": best_epoch.tolist(), "wall_time_s": wall}
+def _metrics_json(result: TrainingResult) -> dict:
+    return {"units": UNITS, "train": metrics_dict(result.train), "test": metrics_dict(result.test),
+            "best_epoch": result.best_epoch.tolist(), "wall_time_s": result.wall_time,
+            **({"continual": result.continual} if result.continual else {})}
 
 
-def _metrics_dict(m: Metrics) -> dict:
-    return {"ensemble": m.ensemble,
-            "members": {k: getattr(m, k).tolist() for k in ("rmse_e", "mae_e", "rmse_f", "mae_f")}}
-
-
-def _write_provenance(cfg: Config, run_dir: Path) -> None:
-    """Resolved config, seeds, versions and the data file's hash."""
+def _write_provenance(cfg: Config, run_dir: Path, continue_from: Path | None) -> None:
+    """Resolved config, seeds, versions, the data file's hash and the model continued from."""
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     digest = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
     info = {"lmlp": lmlp.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "seeds": {"ensemble": cfg.ensemble.seed,
-                                                           "training": cfg.training.seed},
-            "data": {"path": cfg.data.path, "sha256": digest}}
+            "python": platform.python_version(), "command": sys.argv,
+            "seeds": {"ensemble": cfg.ensemble.seed, "training": cfg.training.seed},
+            "data": {"path": cfg.data.path, "sha256": digest},
+            "continued_from": None if continue_from is None else str(continue_from)}
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
 
 
@@ -392,33 +461,3 @@ def format_table(result: TrainingResult) -> str:
     lines.append(f"best epochs {result.best_epoch.tolist()}, wall time {result.wall_time:.0f} s, "
                  f"run directory {result.run_dir}")
     return "\n".join(lines)
-
-
-def evaluate_model(
-    model: HDNNPEnsemble, s: StructureSet, q: float = 10.9, w_f: float = 1.0
-) -> dict[str, Metrics]:
-    """Metrics of ``model`` on every structure of ``s`` ("all") and per label (e.g. reaction)."""
-    dtype = next(model.parameters()).dtype
-    batch = compute_batch(s, model.descriptor, dtype)
-    result = {"all": evaluate(model, chunks(batch), q, w_f)}
-    labels = s.label.astype(str)
-    for label in sorted(set(labels.tolist())):
-        indices = torch.from_numpy(np.flatnonzero(labels == label))
-        result[label] = evaluate(model, chunks(batch.select(indices)), q, w_f)
-    return result
-
-
-def format_evaluation(results: dict[str, Metrics]) -> str:
-    """Per-subset table: ensemble and member mean ± std of RMSE E (meV/atom) and F (meV/Å)."""
-    width = max(len(k) for k in results)
-    lines = [f"{'subset':{width}s}  {'ens. E':>8s} {'members E':>15s}  {'ens. F':>8s} {'members F':>15s}"]
-    for name, m in results.items():
-        lines.append(f"{name:{width}s}  {m.ensemble['rmse_e']:8.2f} {m.rmse_e.mean():8.2f} ± {m.rmse_e.std():4.2f}"
-                     f"  {m.ensemble['rmse_f']:8.1f} {m.rmse_f.mean():8.1f} ± {m.rmse_f.std():4.1f}")
-    lines.append("RMSE of energy per atom in meV/atom and of force components in meV/Å")
-    return "\n".join(lines)
-
-
-def evaluation_json(results: dict[str, Metrics]) -> dict:
-    """``results`` as plain JSON data, with units."""
-    return {"units": UNITS, "subsets": {name: _metrics_dict(m) for name, m in results.items()}}

@@ -36,7 +36,7 @@ def test_shipped_full_config_is_the_published_protocol():
     assert cfg.ensemble.members == 10 and cfg.selection.fit_fraction == 0.1
     assert cfg.training.epochs == 2000
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.params) == ("core", 1e-2, {"p_frozen": 0.1})
-    assert cfg.descriptor.n_functions() == 100
+    assert cfg.descriptor.n_functions() == 102 and cfg.descriptor.cutoff == 12.0
     assert cfg.run_dir == Path("runs/sn2")
 
 
@@ -47,16 +47,16 @@ def test_shipped_quick_config_loads():
     assert cfg.optimizer == load_config(CONFIGS / "sn2.yaml").optimizer
 
 
-def test_default_descriptor_has_40_radial_and_60_angular_functions():
+def test_default_descriptor_has_42_radial_and_60_angular_functions():
     d = DescriptorConfig()
-    assert len(d.radial_types) * len(d.radial_eta) == 40
-    assert d.n_functions() == 100
-    assert DescriptorConfig(angular_types=[0], angular_pair_weights=["difference"]).n_functions() == 40
+    assert len(d.radial_types) * len(d.radial_eta) == 42
+    assert d.n_functions() == 102
+    assert DescriptorConfig(angular_types=[0], angular_pair_weights=["difference"]).n_functions() == 42
 
 
 def test_plain_acsf_count_depends_on_elements():
     d = DescriptorConfig(kind="acsf")
-    assert d.n_functions(n_elements=2) == 8 * 2 + 12 * 3
+    assert d.n_functions(n_elements=2) == 14 * 2 + 12 * 3
     with pytest.raises(ValueError):
         d.n_functions()
 
@@ -82,8 +82,8 @@ def test_exponent_without_dot_is_a_number(tmp_path):
 
 
 def test_int_is_accepted_for_float():
-    cfg = config_from_dict({"descriptor": {"cutoff": 7}, "training": {"energy_weight": 0}})
-    assert cfg.descriptor.cutoff == 7.0 and isinstance(cfg.descriptor.cutoff, float)
+    cfg = config_from_dict({"descriptor": {"cutoff": 13}, "training": {"energy_weight": 0}})
+    assert cfg.descriptor.cutoff == 13.0 and isinstance(cfg.descriptor.cutoff, float)
 
 
 def test_bool_is_rejected_for_int():
@@ -158,7 +158,7 @@ def test_selection_weights_must_be_ordered():
 
 def test_radial_lists_must_pair_up():
     message = rejected({"descriptor": {"radial_rs": [1.0, 2.0]}})
-    assert "descriptor.radial_rs: got [1.0, 2.0], expected 8 values, one per radial_eta" in message
+    assert "descriptor.radial_rs: got [1.0, 2.0], expected 14 values, one per radial_eta" in message
 
 
 def test_repeated_list_entries_are_rejected():

@@ -36,6 +36,8 @@ def test_reference_energies_reproduce_composition_fit():
     energies = np.array([sum(e_ref[z] for z in numbers[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
     np.testing.assert_allclose(fit_reference_energies(numbers, offsets, energies, [1, 6, 8]),
                                [e_ref[1], e_ref[6], e_ref[8]], rtol=1e-10)
+    np.testing.assert_allclose(fit_reference_energies(numbers, offsets, energies, [8, 1], known={6: e_ref[6]}),
+                               [e_ref[8], e_ref[1]], rtol=1e-10)
 
 
 def test_stacked_members_equal_separate_networks():
@@ -135,6 +137,25 @@ def test_energy_is_invariant_under_rotation_translation_and_permutation(tiny):
     e3, f3 = model(numbers[perm], positions[perm], offsets)
     torch.testing.assert_close(e3, energy, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(f3, forces[:, perm], rtol=1e-9, atol=1e-10)
+
+
+def test_added_element_networks_leave_known_elements_unchanged(tiny):
+    model = build(tiny)  # F + CH3F only: H, C, F
+    numbers, positions, offsets = tensors(tiny)
+    before, _ = model(numbers, positions, offsets)
+    everything, _ = read_structures(TINY)
+    bromide = everything.subset(np.flatnonzero(everything.label == "Br+CH3F")[:2])
+    with pytest.raises(ValueError, match=r"Z = \[35\]"):
+        model(*tensors(bromide))
+    new = model.add_elements([35], torch.tensor([-100.0]))
+    assert model.elements.tolist() == [1, 6, 9, 35] and model.reference_energies[-1] == -100.0
+    assert len(model.networks) == 4 and model.networks[3] is new[0]
+    after, _ = model(numbers, positions, offsets)
+    assert torch.equal(after, before)
+    energies, forces = model(*tensors(bromide))
+    assert torch.isfinite(energies).all() and torch.isfinite(forces).all()
+    with pytest.raises(ValueError, match="already known"):
+        model.add_elements([35], torch.tensor([0.0]))
 
 
 def test_unknown_element_is_named(tiny):

@@ -62,3 +62,14 @@ def test_state_round_trip_continues_the_same_stream():
     for want in expected:
         torch.testing.assert_close(other.select(), want)
     torch.testing.assert_close(other.weights, sel.weights)
+
+
+def test_carry_over_keeps_known_structures_and_enters_new_ones_high():
+    cfg = SelectionConfig(p_init=1.0, p_new=10.0)
+    earlier = DataSelection(cfg, 3, seed=5)
+    earlier.update(torch.tensor([0, 2]), torch.tensor([9.0, 0.0]), reference=1.0)
+    earlier.select()
+    later = DataSelection(cfg, 4, seed=0)
+    later.carry_over(earlier.state_dict(), torch.tensor([2, -1, 0, -1]))
+    assert later.weights.tolist() == [earlier.weights[2].item(), 10.0, earlier.weights[0].item(), 10.0]
+    assert torch.equal(later.generator.get_state(), earlier.generator.get_state())

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from factories import TINY
@@ -10,13 +11,15 @@ from factories import TINY
 from lmlp.config import config_from_dict
 from lmlp.data import read_structures
 from lmlp.modelfile import load_model
-from lmlp.training import chunks, compute_batch, evaluate, train
+from lmlp.batch import chunks, compute_batch
+from lmlp.metrics import evaluate
+from lmlp.training import train
 
 
-def tiny_config(run_dir, **training):
+def tiny_config(run_dir, reactions=None, **training):
     return config_from_dict({
         "name": "tiny",
-        "data": {"path": str(TINY)},
+        "data": {"path": str(TINY), "reactions": reactions},
         "ensemble": {"members": 3},
         "model": {"hidden": [16, 16]},
         "selection": {"fit_fraction": 0.5},
@@ -45,8 +48,8 @@ def test_short_run_lowers_both_errors_clearly(run):
 def test_run_directory_holds_every_output(run):
     _, result = run
     names = {p.name for p in result.run_dir.iterdir()}
-    assert {"config.yaml", "run.json", "learning_curve.csv", "checkpoint_last.pt", "model.pt",
-            "metrics.json", "learning_curves.png", "parity_test.png"} <= names
+    assert {"config.yaml", "run.json", "train.log", "learning_curve.csv", "checkpoint_last.pt",
+            "checkpoint_best.pt", "model.pt", "metrics.json", "learning_curves.png", "parity_test.png"} <= names
     for png in ("learning_curves.png", "parity_test.png"):
         assert (result.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((result.run_dir / "run.json").read_text())
@@ -121,3 +124,92 @@ def test_evaluate_command_reproduces_training_metrics_per_reaction(run, tmp_path
     s, _ = read_structures(TINY)
     assert set(table["subsets"]) == {"all"} | set(s.split_subset("test").label.tolist())
     assert "F+CH3Cl" in done.stdout
+
+
+def test_best_checkpoint_is_a_model_file_with_the_best_epochs(run):
+    _, result = run
+    best, metadata = load_model(result.run_dir / "checkpoint_best.pt")
+    final, _ = load_model(result.run_dir / "model.pt")
+    assert metadata["best_epoch"] == result.best_epoch.tolist()
+    for (name, x), (_, y) in zip(best.state_dict().items(), final.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    log = (result.run_dir / "train.log").read_text()
+    assert "epoch    30/30" in log and "test ensemble" in log
+
+
+F_CL = ["F+CH3F", "F+CH3Cl", "Cl+CH3F", "Cl+CH3Cl"]
+
+
+@pytest.fixture(scope="module")
+def continued(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continual")
+    first = train(tiny_config(root / "fcl", reactions=F_CL, epochs=40))
+    second = train(tiny_config(root / "all", epochs=40), continue_from=first.run_dir / "model.pt")
+    return first, second
+
+
+def test_continual_learning_adds_reactions_without_forgetting_the_old_ones(continued):
+    first, second = continued
+    report = second.continual
+    test_set = read_structures(TINY)[0].split_subset("test")
+    assert set(report) == set(test_set.label.tolist()) | {"known elements, all"}
+    old = test_set.subset(np.flatnonzero(np.isin(test_set.label, F_CL)))
+    before = evaluate_on(first.run_dir / "model.pt", old)
+    after = evaluate_on(second.run_dir / "model.pt", old)
+    for label, r in report.items():
+        if label in F_CL:
+            assert r["before"] == pytest.approx(before[label].ensemble, rel=1e-5)
+            assert r["after"] == pytest.approx(after[label].ensemble, rel=1e-5)
+        elif "Br" in label or "I" in label:
+            assert r["before"] is None and r["after"]["rmse_f"] > 0
+    assert report["known elements, all"] == {"before": pytest.approx(before["all"].ensemble, rel=1e-5),
+                                             "after": pytest.approx(after["all"].ensemble, rel=1e-5)}
+    assert after["all"].ensemble["rmse_f"] < 1.2 * before["all"].ensemble["rmse_f"]
+    assert after["all"].ensemble["rmse_e"] < 2.0 * before["all"].ensemble["rmse_e"]
+    model, _ = load_model(second.run_dir / "model.pt")
+    assert model.elements.tolist() == [1, 6, 9, 17, 35, 53]
+    assert "continual" in json.loads((second.run_dir / "metrics.json").read_text())
+    log = (second.run_dir / "train.log").read_text()
+    assert "known and" in log and "before → after" in log
+
+
+def evaluate_on(model_path, structures):
+    from lmlp.metrics import evaluate_model
+
+    model, _ = load_model(model_path)
+    return evaluate_model(model, structures)
+
+
+def test_continued_run_resumes_exactly(continued, tmp_path):
+    first, second = continued
+    cfg = tiny_config(tmp_path / "again", epochs=40, checkpoint_every=10)
+    import lmlp.training as training
+
+    original = training._curve_row
+
+    def crash(epoch, *args):
+        if epoch == 25:
+            raise KeyboardInterrupt
+        return original(epoch, *args)
+
+    training._curve_row = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, continue_from=first.run_dir / "model.pt")
+    finally:
+        training._curve_row = original
+    resumed = train(cfg, resume=True)
+    a, _ = load_model(second.run_dir / "model.pt")
+    b, _ = load_model(resumed.run_dir / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_continuing_with_another_architecture_is_refused(continued, tmp_path):
+    from lmlp.errors import LmlpError
+
+    first, _ = continued
+    cfg = config_from_dict({"data": {"path": str(TINY)}, "ensemble": {"members": 3}, "model": {"hidden": [8]},
+                            "output": {"run_dir": str(tmp_path / "x"), "progress": False}})
+    with pytest.raises(LmlpError, match=r"hidden = \[16, 16\], the config asks for \[8\]"):
+        train(cfg, continue_from=first.run_dir / "model.pt")
