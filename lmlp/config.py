@@ -217,6 +217,9 @@ class TrainingConfig:
     """Floating-point precision of networks and descriptors."""
     early_stopping: bool = True
     """Keep the epoch of minimal test loss as the final model."""
+    train_metrics_sample: int | None = _field(None, ge=1)
+    """Per-epoch training metrics on this many training structures (a fixed random sample drawn
+    with ``seed``); null: on all of them. The final metrics always use every structure."""
     checkpoint_every: int = _field(50, ge=1)
     """Write a checkpoint every this many epochs."""
     seed: int = _field(0, ge=0)

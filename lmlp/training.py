@@ -183,6 +183,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingRes
         descriptor = SymmetryFunctions.from_config(cfg.descriptor, sorted(set(data.numbers.tolist())))
     train_batch, test_batch = compute_batch(train_set, descriptor, dtype), compute_batch(test_set, descriptor, dtype)
     train_pieces, test_pieces = chunks(train_batch), chunks(test_batch)
+    monitor_pieces = _monitor(cfg, train_batch, train_pieces)
     q, w_f = cfg.training.energy_weight, cfg.training.force_weight
     if carried is None:
         model = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
@@ -221,7 +222,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingRes
             f"{cfg.training.epochs} epochs of {selection.n_fit} structures", echo=False)
         for epoch in range(first_epoch, cfg.training.epochs + 1):
             _fit_epoch(cfg, model, optimizer, selection, train_batch, epoch, data.split["train"], log)
-            train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
+            train_m, test_m = evaluate(model, monitor_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
             improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
             best_loss = np.where(improved, test_m.loss, best_loss)
             best_epoch = np.where(improved, epoch, best_epoch)
@@ -232,7 +233,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingRes
                 log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble test RMSE E {test_m.ensemble['rmse_e']:.2f} "
                     f"meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", echo=cfg.output.progress)
             if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
-                _write_curve(run_dir / "learning_curve.csv", rows)
+                _write_curve(run_dir / "learning_curve.csv", rows, _monitored(monitor_pieces, train_pieces))
                 _save_best(model, best_state, run_dir / "checkpoint_best.pt", best_epoch, best_loss)
                 with atomic_path(run_dir / "checkpoint_last.pt") as tmp:
                     torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -275,6 +276,22 @@ def _fit_epoch(
     for i in selection.update(fitted, per_structure, float(per_structure.mean())).tolist():
         log(f"epoch {epoch}: structure {int(data_index[i])} of {cfg.data.path} had an extreme error in "
             f"{cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)")
+
+
+def _monitored(monitor_pieces: list[Batch], train_pieces: list[Batch]) -> str:
+    """What the per-epoch training metrics cover, for the learning-curve header."""
+    n = sum(len(p.energy) for p in monitor_pieces)
+    total = sum(len(p.energy) for p in train_pieces)
+    return f"all {total} training structures" if n == total else f"a fixed random sample of {n} of {total} training structures"
+
+
+def _monitor(cfg: Config, train_batch: Batch, train_pieces: list[Batch]) -> list[Batch]:
+    """The training structures of the per-epoch metrics: all, or a fixed random sample."""
+    n, size = len(train_batch.energy), cfg.training.train_metrics_sample
+    if size is None or size >= n:
+        return train_pieces
+    generator = torch.Generator().manual_seed(cfg.training.seed + 1)
+    return chunks(train_batch.select(torch.sort(torch.randperm(n, generator=generator)[:size]).values))
 
 
 def _carry_over(cfg: Config, path: Path) -> _Carried:
@@ -425,9 +442,9 @@ def _curve_row(epoch: int, train_m: Metrics, test_m: Metrics) -> dict[str, float
     return row
 
 
-def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
+def _write_curve(path: Path, rows: list[dict[str, float]], monitored: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        fh.write("# energies meV/atom, forces meV/Angstrom; m<k> = ensemble member k\n")
+        fh.write(f"# energies meV/atom, forces meV/Angstrom; m<k> = ensemble member k; train columns over {monitored}\n")
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -213,3 +213,18 @@ def test_continuing_with_another_architecture_is_refused(continued, tmp_path):
                             "output": {"run_dir": str(tmp_path / "x"), "progress": False}})
     with pytest.raises(LmlpError, match=r"hidden = \[16, 16\], the config asks for \[8\]"):
         train(cfg, continue_from=first.run_dir / "model.pt")
+
+
+def test_per_epoch_training_metrics_on_a_fixed_sample(tmp_path):
+    import csv as csv_module
+
+    result = train(tiny_config(tmp_path / "sample", epochs=4, train_metrics_sample=20))
+    text = (result.run_dir / "learning_curve.csv").read_text()
+    assert "a fixed random sample of 20 of" in text.splitlines()[0]
+    rows = list(csv_module.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    full = train(tiny_config(tmp_path / "full", epochs=4))
+    full_rows = list(csv_module.DictReader(
+        line for line in (full.run_dir / "learning_curve.csv").read_text().splitlines() if not line.startswith("#")))
+    assert rows[-1]["test_rmse_e_ensemble"] == full_rows[-1]["test_rmse_e_ensemble"]
+    assert rows[-1]["train_rmse_e_ensemble"] != full_rows[-1]["train_rmse_e_ensemble"]
+    assert result.train.ensemble == full.train.ensemble
