@@ -38,10 +38,11 @@ import torch
 from tqdm import tqdm
 
 import lmlp
-from lmlp.batch import Batch, chunks, compute_batch, predict, predict_all
+from lmlp.batch import STRUCTURES_PER_CHUNK, Batch, chunks, compute_batch, predict, predict_all
 from lmlp.config import Config, dump_config
 from lmlp.data import StructureSet, load
 from lmlp.descriptors import Standardizer, SymmetryFunctions
+from lmlp.descriptors.neighbors import find_neighbors
 from lmlp.errors import LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
 from lmlp.metrics import UNITS, Metrics, evaluate, evaluate_model, member_losses, metrics_dict
@@ -126,6 +127,21 @@ def fingerprints(s: StructureSet) -> torch.Tensor:
         for a, b in zip(s.offsets[:-1], s.offsets[1:])
     ]
     return torch.from_numpy(np.frombuffer(b"".join(digests), dtype=np.int64).copy())
+
+
+def closest_pair_distance(s: StructureSet, cutoff: float) -> float:
+    """The smallest interatomic distance (Å, periodic images included) in ``s``; ``cutoff`` if
+    no two atoms are closer than that."""
+    closest = cutoff
+    for start in range(0, len(s), STRUCTURES_PER_CHUNK):
+        part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
+        cells = None if part.cell is None else torch.from_numpy(part.cell)
+        pbc = None if part.pbc is None else torch.from_numpy(part.pbc)
+        positions = torch.from_numpy(part.positions)
+        nb = find_neighbors(positions, torch.from_numpy(part.offsets), cutoff, cells, pbc)
+        if nb.pairs.shape[1]:
+            closest = min(closest, float(nb.vectors(positions).norm(dim=1).min()))
+    return closest
 
 
 def build_model(cfg: Config, train: StructureSet, batch_G: torch.Tensor, descriptor: SymmetryFunctions) -> HDNNPEnsemble:
@@ -247,7 +263,8 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingRes
         wall = time.perf_counter() - start_time
         save_model(run_dir / "model.pt", model, {"test_rmse_e": test_m.rmse_e.tolist(),
                                                  "test_rmse_f": test_m.rmse_f.tolist(),
-                                                 "best_epoch": best_epoch.tolist(), "config": dump_config(cfg)})
+                                                 "best_epoch": best_epoch.tolist(), "config": dump_config(cfg),
+                                                 "min_pair_distance": closest_pair_distance(train_set, descriptor.cutoff)})
         result = TrainingResult(run_dir, train_m, test_m, best_epoch, wall, continual)
         atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(result), indent=2))
         if cfg.output.plots:

@@ -228,3 +228,18 @@ def test_per_epoch_training_metrics_on_a_fixed_sample(tmp_path):
     assert rows[-1]["test_rmse_e_ensemble"] == full_rows[-1]["test_rmse_e_ensemble"]
     assert rows[-1]["train_rmse_e_ensemble"] != full_rows[-1]["train_rmse_e_ensemble"]
     assert result.train.ensemble == full.train.ensemble
+
+
+def test_model_file_records_the_closest_training_pair(run):
+    from lmlp.descriptors.neighbors import find_neighbors
+    from lmlp.training import closest_pair_distance
+
+    _, result = run
+    _, metadata = load_model(result.run_dir / "model.pt")
+    s, _ = read_structures(TINY)
+    train_set = s.split_subset("train")
+    positions = torch.from_numpy(train_set.positions)
+    pairs = find_neighbors(positions, torch.from_numpy(train_set.offsets), 100.0).pairs
+    expected = float((positions[pairs[1]] - positions[pairs[0]]).norm(dim=1).min())
+    assert metadata["min_pair_distance"] == pytest.approx(expected, rel=1e-12)
+    assert closest_pair_distance(train_set, 0.1) == 0.1
