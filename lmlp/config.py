@@ -262,6 +262,68 @@ class OutputConfig:
 
 
 @dataclass
+class VariantConfig:
+    """One optimizer setting of a comparison (spec §8): a name and an ``optimizer:`` section."""
+
+    name: str = "core"
+    """Label in tables and plots, e.g. "CoRe p_frozen=0.1"; also its run directory name."""
+    optimizer: OptimizerName = "core"
+    """Registry name of the optimizer."""
+    lr: float = _field(1e-2, gt=0)
+    """Learning rate; for CoRe and RPROP the maximal step size s_max."""
+    params: dict[str, HyperParameter] = _field({})
+    """Further hyperparameters (e.g. p_frozen, betas); the others keep their defaults."""
+
+
+DEFAULT_VARIANTS: list[dict[str, Any]] = [
+    {"name": "CoRe", "optimizer": "core", "lr": 1e-2},
+    {"name": "CoRe p_frozen=0.1", "optimizer": "core", "lr": 1e-2, "params": {"p_frozen": 0.1}},
+    {"name": "Adam", "optimizer": "adam", "lr": 1e-3},
+    {"name": "AdaMax", "optimizer": "adamax", "lr": 2e-3},
+    {"name": "RMSprop", "optimizer": "rmsprop", "lr": 1e-3},
+    {"name": "AdaGrad", "optimizer": "adagrad", "lr": 1e-2},
+    {"name": "AdaDelta", "optimizer": "adadelta", "lr": 1.0},
+    {"name": "NAG", "optimizer": "nag", "lr": 1e-2},
+    {"name": "Momentum", "optimizer": "momentum", "lr": 1e-2},
+    {"name": "SGD", "optimizer": "sgd", "lr": 1e-1},
+    {"name": "RPROP", "optimizer": "rprop", "lr": 1e-2},
+]
+"""The ten optimizers of the seed paper plus CoRe with p_frozen = 0.1, PyTorch defaults but the
+learning rate (a value in the paper's grid 1e-4 … 1 that suits a 10 % fit fraction)."""
+
+
+@dataclass
+class CompareConfig:
+    """The optimizer comparison ``lmlp compare`` runs (spec §8, seed paper §3)."""
+
+    variants: list[VariantConfig] = field(
+        default_factory=lambda: [VariantConfig(**{**v, "params": dict(v.get("params", {}))}) for v in DEFAULT_VARIANTS]
+    )
+    """Optimizer settings to compare; each is trained under identical conditions."""
+    seeds: int = _field(3, ge=1)
+    """Independent trainings per variant (initial-weight seeds 0 … seeds−1, the same for every
+    variant); they are trained together as the members of one ensemble."""
+    lr_grid: list[float] | None = _field(None, gt=0, unique=True)
+    """Learning rates / maximal step sizes to try per variant (null: each variant's own lr);
+    the value with the lowest final test loss is kept."""
+    target_rmse_e: float = _field(5.0, gt=0)
+    """Energy test RMSE, meV/atom, for the "epochs to reach" column."""
+    target_rmse_f: float = _field(150.0, gt=0)
+    """Force test RMSE, meV/Å, for the "epochs to reach" column."""
+    out: str = "runs/{name}-compare"
+    """Output directory; "{name}" is replaced by the run name."""
+
+    def validate(self) -> None:
+        """Variant names must be unique and usable as directory names."""
+        names = [v.name for v in self.variants]
+        if not names or len(set(names)) < len(names):
+            raise _got("variants", names, "a non-empty list of variants with distinct names")
+        for k, name in enumerate(names):
+            if not name or "/" in name or "\\" in name:
+                raise _got(f"variants[{k}].name", name, "a non-empty name without path separators")
+
+
+@dataclass
 class Config:
     """A complete run configuration."""
 
@@ -275,6 +337,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,4 +1,5 @@
-"""PNG figures of a training run: learning curves and parity plots (matplotlib, no display)."""
+"""PNG figures (matplotlib, no display): learning curves and parity plots of a training run,
+accuracy scores and test-error curves of an optimizer comparison."""
 
 from __future__ import annotations
 
@@ -60,3 +61,33 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy_scores(names: list[str], a: np.ndarray, da: np.ndarray, path: Path) -> None:
+    """Bar chart of the overall accuracy score A with its uncertainty ΔA (seed paper Fig. 4)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 1.5), 4), constrained_layout=True)
+    ax.bar(range(len(names)), a, yerr=da, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("accuracy score A")
+    ax.set_ylim(0, 1.05 * max(1.0, float(np.max(a + da))))
+    _save(fig, path)
+
+
+def plot_comparison_curves(curves: dict[str, tuple[list, list]], path: Path) -> None:
+    """Test RMSE of E and F versus epoch, mean over seeds with a ± std band, per variant (seed paper Fig. 5).
+
+    ``curves`` maps a variant name to its (E, F) lists of per-epoch (mean, std).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for name, series in curves.items():
+        for ax, values in zip(axes, series):
+            mean, std = np.array(values).T
+            epochs = np.arange(1, len(mean) + 1)
+            ax.plot(epochs, mean, lw=1.5, label=name)
+            ax.fill_between(epochs, np.maximum(mean - std, 0.05 * mean), mean + std, alpha=0.25)
+    for ax, label in zip(axes, ("test RMSE E / meV/atom", "test RMSE F / meV/Å")):
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+    _save(fig, path)

@@ -210,7 +210,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingRes
         _add_new_elements(model, train_set)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_provenance(cfg, run_dir, continue_from)
+    _write_provenance(cfg, run_dir, continue_from, model)
     first_epoch = saved["epoch"] + 1 if resume else 1
     log = RunLog(run_dir / "train.log", cfg.output.progress, cfg.training.epochs, first_epoch)
     try:
@@ -473,16 +473,26 @@ def _metrics_json(result: TrainingResult) -> dict:
             **({"continual": result.continual} if result.continual else {})}
 
 
-def _write_provenance(cfg: Config, run_dir: Path, continue_from: Path | None) -> None:
-    """Resolved config, seeds, versions, the data file's hash and the model continued from."""
+def _write_provenance(cfg: Config, run_dir: Path, continue_from: Path | None, model: HDNNPEnsemble) -> None:
+    """Resolved config, seeds, versions, the data file's hash, the initial weights' hash and the
+    model continued from."""
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     digest = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
     info = {"lmlp": lmlp.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "command": sys.argv,
             "seeds": {"ensemble": cfg.ensemble.seed, "training": cfg.training.seed},
             "data": {"path": cfg.data.path, "sha256": digest},
-            "continued_from": None if continue_from is None else str(continue_from)}
+            "continued_from": None if continue_from is None else str(continue_from),
+            "initial_weights_sha256": _weights_digest(model)}
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
+
+
+def _weights_digest(model: HDNNPEnsemble) -> str:
+    """SHA-256 of the network weights (float64 bytes, in parameter order)."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().to(torch.float64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def format_table(result: TrainingResult) -> str:

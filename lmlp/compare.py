@@ -1,0 +1,283 @@
+"""The optimizer comparison of the seed paper (§3) as a command: ``lmlp compare`` (spec §8).
+
+Every variant (a named optimizer setting, ``compare.variants``) trains the same lMLP under
+identical conditions: the same data split, selection mode, epoch budget and initial weights. Seed s
+is ensemble member s, so all seeds of one variant train together as one batched ensemble, and
+member s starts from the same weights in every variant. Per variant (and learning rate of an
+optional grid, the best of which is kept) the comparison reports:
+
+- final test RMSE of E (meV/atom) and F (meV/Å), mean ± std over seeds, each seed at its own
+  early-stopping epoch;
+- the smoothness-aware errors of the paper's lMLP protocol: the errors of all seeds at each seed's
+  best epoch (seeds² values), mean ± std;
+- accuracy scores from the smoothness-aware errors, per task i ∈ {E, F} and overall:
+
+      A_i(k) = min_k' E_i,k' / E_i,k                         (Eq. 19)
+      ΔA_i(k) = min_k' E_i,k' / E_i,k² · ΔE_i,k              (Eq. 20)
+      A(k) = mean_i A_i(k)                                    (Eq. 21)
+      ΔA(k) = (Σ_i ΔA_i(k)²)^½ / N_tasks                      (Eq. 22)
+
+- wall time per epoch and the epochs until the test RMSE first reaches the configured targets
+  (mean over the seeds that reach it).
+
+Each (variant, learning rate) run is an ordinary run directory under ``OUT/runs``; a finished one
+is skipped and an interrupted one resumed, so a killed comparison continues where it stopped.
+Outputs in ``OUT``: comparison.md (ranked table), comparison.csv, comparison.json,
+accuracy_scores.png and test_rmse.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlp.config import Config, OptimizerConfig, VariantConfig
+from lmlp.errors import ConfigError, LmlpError
+from lmlp.fileio import atomic_path, atomic_write_text
+from lmlp.optim import build_optimizer
+
+TASKS = ("E", "F")
+"""The comparison's tasks: energy (meV/atom) and force (meV/Å) test RMSE."""
+
+
+def accuracy_scores(
+    errors: np.ndarray, uncertainties: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy scores of the seed paper, Eqs. 19–22.
+
+    Args:
+        errors: (K, T) final test error of optimizer k in task i.
+        uncertainties: (K, T) their standard deviations.
+    Returns:
+        A_i (K, T), ΔA_i (K, T), A (K,), ΔA (K,).
+    """
+    best = errors.min(axis=0, keepdims=True)
+    a_i = best / errors
+    da_i = best / errors**2 * uncertainties
+    n_tasks = errors.shape[1]
+    return a_i, da_i, a_i.mean(axis=1), np.sqrt((da_i**2).sum(axis=1)) / n_tasks
+
+
+@dataclass
+class RunSummary:
+    """What one (variant, learning rate) run achieved; errors in meV/atom and meV/Å."""
+
+    variant: str
+    optimizer: str
+    lr: float
+    params: dict[str, Any]
+    final_e: tuple[float, float]
+    final_f: tuple[float, float]
+    smooth_e: tuple[float, float]
+    smooth_f: tuple[float, float]
+    test_loss: float
+    seconds_per_epoch: float
+    epochs_to_target_e: float | None
+    epochs_to_target_f: float | None
+    initial_weights: str
+    curve_e: list[tuple[float, float]]
+    curve_f: list[tuple[float, float]]
+
+
+@dataclass
+class Comparison:
+    """The best learning rate of every variant with its scores, ranked by overall accuracy A."""
+
+    runs: list[RunSummary]
+    a_i: np.ndarray
+    da_i: np.ndarray
+    a: np.ndarray
+    da: np.ndarray
+    out: Path
+
+
+def compare(
+    cfg: Config,
+    variants: list[str] | None = None,
+    seeds: int | None = None,
+    lr_grid: list[float] | None = None,
+    epochs: int | None = None,
+    out: str | Path | None = None,
+) -> Comparison:
+    """Run (or resume) the comparison ``cfg.compare`` describes and write its outputs.
+
+    ``variants`` (names), ``seeds``, ``lr_grid``, ``epochs`` and ``out`` override the config.
+    """
+    from lmlp.training import train
+
+    spec = cfg.compare
+    chosen = _chosen_variants(spec.variants, variants)
+    n_seeds = seeds or spec.seeds
+    grid = lr_grid or spec.lr_grid
+    n_epochs = epochs or cfg.training.epochs
+    out_dir = Path(out or spec.out.replace("{name}", cfg.name))
+    for variant in chosen:
+        _check_variant(variant)
+    summaries = []
+    for variant in chosen:
+        candidates = []
+        for lr in grid or [variant.lr]:
+            run_cfg = _run_config(cfg, variant, lr, n_seeds, n_epochs, out_dir)
+            if not (run_cfg.run_dir / "metrics.json").is_file():
+                resume = (run_cfg.run_dir / "checkpoint_last.pt").is_file()
+                print(f"{'resuming' if resume else 'training'} {variant.name}, lr {lr:g}, {n_seeds} seeds, "
+                      f"{n_epochs} epochs → {run_cfg.run_dir}", flush=True)
+                train(run_cfg, resume=resume)
+            candidates.append(summarize_run(run_cfg, variant, lr))
+        summaries.append(min(candidates, key=lambda s: s.test_loss))
+    comparison = _score(summaries, out_dir)
+    write_outputs(comparison, cfg, grid is not None)
+    return comparison
+
+
+def _chosen_variants(variants: list[VariantConfig], names: list[str] | None) -> list[VariantConfig]:
+    """The variants named in ``names`` (all when None); unknown names are an error."""
+    if names is None:
+        return variants
+    by_name = {v.name: v for v in variants}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise LmlpError(f"--optimizers: {unknown} are not variants of the config; known: {list(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def _check_variant(variant: VariantConfig) -> None:
+    """Fail before any training when a variant's hyperparameters are invalid."""
+    try:
+        build_optimizer(variant.optimizer, [torch.zeros(1, requires_grad=True)], variant.lr, **variant.params)
+    except ConfigError as exc:
+        raise LmlpError(f"compare variant {variant.name!r}: {exc}") from None
+
+
+def _slug(name: str) -> str:
+    """A directory name for a variant name."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "variant"
+
+
+def _run_config(cfg: Config, variant: VariantConfig, lr: float, seeds: int, epochs: int, out: Path) -> Config:
+    """The training config of one (variant, learning rate) run: seeds as ensemble members."""
+    run_dir = out / "runs" / _slug(variant.name) / f"lr{lr:g}"
+    return dataclasses.replace(
+        cfg,
+        name=_slug(variant.name),
+        optimizer=OptimizerConfig(name=variant.optimizer, lr=lr, params=dict(variant.params)),
+        ensemble=dataclasses.replace(cfg.ensemble, members=seeds),
+        training=dataclasses.replace(cfg.training, epochs=epochs, checkpoint_every=min(cfg.training.checkpoint_every, epochs)),
+        output=dataclasses.replace(cfg.output, run_dir=str(run_dir), plots=False, progress=False),
+    )
+
+
+def summarize_run(run_cfg: Config, variant: VariantConfig, lr: float) -> RunSummary:
+    """Errors, smoothness-aware errors, timing and convergence of a finished run directory."""
+    run_dir = run_cfg.run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    info = json.loads((run_dir / "run.json").read_text())
+    rows = read_curve(run_dir / "learning_curve.csv")
+    seeds = len(metrics["test"]["members"]["rmse_e"])
+    e = np.array([[r[f"test_rmse_e_m{k}"] for k in range(seeds)] for r in rows])  # (epochs, seeds)
+    f = np.array([[r[f"test_rmse_f_m{k}"] for k in range(seeds)] for r in rows])
+    best = np.clip(np.array(metrics["best_epoch"]) - int(rows[0]["epoch"]), 0, None)  # 0: never improved
+    final_e, final_f = np.array(metrics["test"]["members"]["rmse_e"]), np.array(metrics["test"]["members"]["rmse_f"])
+    q, w_f = run_cfg.training.energy_weight, run_cfg.training.force_weight
+    return RunSummary(
+        variant=variant.name, optimizer=variant.optimizer, lr=lr, params=dict(variant.params),
+        final_e=_mean_std(final_e), final_f=_mean_std(final_f),
+        smooth_e=_mean_std(e[best].ravel()), smooth_f=_mean_std(f[best].ravel()),
+        test_loss=float(np.mean(q**2 * (final_e / 1e3) ** 2 + w_f * (final_f / 1e3) ** 2)),
+        seconds_per_epoch=metrics["wall_time_s"] / len(rows),
+        epochs_to_target_e=_epochs_to(e, run_cfg.compare.target_rmse_e, rows),
+        epochs_to_target_f=_epochs_to(f, run_cfg.compare.target_rmse_f, rows),
+        initial_weights=info["initial_weights_sha256"],
+        curve_e=[_mean_std(x) for x in e], curve_f=[_mean_std(x) for x in f],
+    )
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """The rows of a learning_curve.csv as numbers."""
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(l for l in fh if not l.startswith("#"))]
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation (ddof 1; 0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _epochs_to(errors: np.ndarray, target: float, rows: list[dict[str, float]]) -> float | None:
+    """Mean over the seeds that reach ``target`` of their first epoch at or below it; None if none."""
+    reached = errors <= target
+    first = [rows[int(np.argmax(col))]["epoch"] for col in reached.T if col.any()]
+    return float(np.mean(first)) if first else None
+
+
+def _score(summaries: list[RunSummary], out: Path) -> Comparison:
+    """Accuracy scores of the smoothness-aware errors, runs ranked by overall A."""
+    errors = np.array([[s.smooth_e[0], s.smooth_f[0]] for s in summaries])
+    uncertainties = np.array([[s.smooth_e[1], s.smooth_f[1]] for s in summaries])
+    a_i, da_i, a, da = accuracy_scores(errors, uncertainties)
+    order = np.argsort(-a, kind="stable")
+    return Comparison([summaries[k] for k in order], a_i[order], da_i[order], a[order], da[order], out)
+
+
+def write_outputs(c: Comparison, cfg: Config, grid: bool) -> None:
+    """comparison.md / .csv / .json and the two PNG plots in ``c.out``."""
+    c.out.mkdir(parents=True, exist_ok=True)
+    table = format_comparison(c, grid)
+    atomic_write_text(c.out / "comparison.md", f"# Optimizer comparison: {cfg.name}\n\n{table}\n")
+    atomic_write_text(c.out / "comparison.json", json.dumps(_as_json(c), indent=2))
+    with atomic_path(c.out / "comparison.csv") as tmp, open(tmp, "w", newline="") as fh:
+        rows = [_flat_row(s, c, k) for k, s in enumerate(c.runs)]
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if cfg.output.plots:
+        from lmlp.plots import plot_accuracy_scores, plot_comparison_curves
+
+        plot_accuracy_scores([s.variant for s in c.runs], c.a, c.da, c.out / "accuracy_scores.png")
+        plot_comparison_curves({s.variant: (s.curve_e, s.curve_f) for s in c.runs[:4]}, c.out / "test_rmse.png")
+    print(table, flush=True)
+
+
+def _flat_row(s: RunSummary, c: Comparison, k: int) -> dict[str, Any]:
+    return {"rank": k + 1, "variant": s.variant, "optimizer": s.optimizer, "lr": s.lr,
+            "params": json.dumps(s.params), "A": c.a[k], "dA": c.da[k],
+            "A_E": c.a_i[k, 0], "dA_E": c.da_i[k, 0], "A_F": c.a_i[k, 1], "dA_F": c.da_i[k, 1],
+            "final_rmse_e": s.final_e[0], "final_rmse_e_std": s.final_e[1],
+            "final_rmse_f": s.final_f[0], "final_rmse_f_std": s.final_f[1],
+            "smooth_rmse_e": s.smooth_e[0], "smooth_rmse_e_std": s.smooth_e[1],
+            "smooth_rmse_f": s.smooth_f[0], "smooth_rmse_f_std": s.smooth_f[1],
+            "seconds_per_epoch": s.seconds_per_epoch,
+            "epochs_to_target_e": s.epochs_to_target_e, "epochs_to_target_f": s.epochs_to_target_f}
+
+
+def _as_json(c: Comparison) -> dict[str, Any]:
+    return {"units": {"rmse_e": "meV/atom", "rmse_f": "meV/Angstrom", "time": "s/epoch"},
+            "scores_from": "smoothness-aware errors (all seeds at every seed's best epoch)",
+            "runs": [{**_flat_row(s, c, k), "params": s.params, "initial_weights_sha256": s.initial_weights}
+                     for k, s in enumerate(c.runs)]}
+
+
+def format_comparison(c: Comparison, grid: bool = False) -> str:
+    """The ranked Markdown table of a comparison."""
+    head = ("| rank | variant | lr | A | A_E | A_F | RMSE E final | RMSE F final | RMSE E smooth | "
+            "RMSE F smooth | s/epoch | epochs to E / F target |")
+    lines = [head, "|" + "---|" * 12]
+    for k, s in enumerate(c.runs):
+        reach = " / ".join("—" if x is None else f"{x:.0f}" for x in (s.epochs_to_target_e, s.epochs_to_target_f))
+        lines.append(
+            f"| {k + 1} | {s.variant} | {s.lr:g} | {c.a[k]:.3f} ± {c.da[k]:.3f} | {c.a_i[k, 0]:.3f} ± {c.da_i[k, 0]:.3f} "
+            f"| {c.a_i[k, 1]:.3f} ± {c.da_i[k, 1]:.3f} | {s.final_e[0]:.2f} ± {s.final_e[1]:.2f} "
+            f"| {s.final_f[0]:.1f} ± {s.final_f[1]:.1f} | {s.smooth_e[0]:.2f} ± {s.smooth_e[1]:.2f} "
+            f"| {s.smooth_f[0]:.1f} ± {s.smooth_f[1]:.1f} | {s.seconds_per_epoch:.3f} | {reach} |")
+    lines += ["", "RMSE E in meV/atom, F in meV/Å (test set); final: each seed at its early-stopping epoch; "
+              "smooth: all seeds at every seed's best epoch. Accuracy scores (seed paper Eqs. 19–22) from "
+              "the smooth errors." + (" lr: the best value of the grid." if grid else "")]
+    return "\n".join(lines)

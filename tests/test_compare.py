@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+from factories import TINY
+
+from lmlp.compare import accuracy_scores, compare
+from lmlp.config import config_from_dict
+
+
+def test_accuracy_scores_follow_equations_19_to_22():
+    errors = np.array([[2.0, 50.0], [4.0, 40.0], [8.0, 100.0]])
+    sigma = np.array([[0.2, 5.0], [0.4, 2.0], [1.0, 10.0]])
+    a_i, da_i, a, da = accuracy_scores(errors, sigma)
+    np.testing.assert_allclose(a_i, [[1.0, 0.8], [0.5, 1.0], [0.25, 0.4]])
+    np.testing.assert_allclose(da_i, [[2 / 4 * 0.2, 40 / 2500 * 5.0], [2 / 16 * 0.4, 40 / 1600 * 2.0],
+                                      [2 / 64 * 1.0, 40 / 10000 * 10.0]])
+    np.testing.assert_allclose(a, [0.9, 0.75, 0.325])
+    np.testing.assert_allclose(da, np.sqrt((da_i**2).sum(1)) / 2)
+    assert da[0] == pytest.approx(np.hypot(0.1, 0.08) / 2)
+
+
+def mini_config(out):
+    return config_from_dict({
+        "name": "mini",
+        "data": {"path": str(TINY)},
+        "model": {"hidden": [8]},
+        "selection": {"fit_fraction": 0.5},
+        "training": {"epochs": 6, "checkpoint_every": 3},
+        "output": {"progress": False},
+        "compare": {"seeds": 2, "out": str(out), "target_rmse_e": 60.0, "target_rmse_f": 1500.0,
+                    "variants": [{"name": "CoRe", "optimizer": "core", "lr": 1e-2},
+                                 {"name": "CoRe p_frozen=0.1", "optimizer": "core", "lr": 1e-2,
+                                  "params": {"p_frozen": 0.1}},
+                                 {"name": "Adam", "optimizer": "adam", "lr": 1e-3}]},
+    })
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return out, compare(mini_config(out))
+
+
+def test_miniature_comparison_writes_every_output(mini):
+    out, result = mini
+    for name in ("comparison.md", "comparison.csv", "comparison.json", "accuracy_scores.png", "test_rmse.png"):
+        assert (out / name).is_file(), name
+    table = json.loads((out / "comparison.json").read_text())
+    assert [r["rank"] for r in table["runs"]] == [1, 2, 3]
+    assert {r["variant"] for r in table["runs"]} == {"CoRe", "CoRe p_frozen=0.1", "Adam"}
+    assert max(r["A"] for r in table["runs"]) <= 1.0 and table["runs"][0]["A"] == max(r["A"] for r in table["runs"])
+    assert "| 1 |" in (out / "comparison.md").read_text()
+    for run in result.runs:
+        assert len(run.curve_e) == 6 and run.seconds_per_epoch > 0
+
+
+def test_every_variant_starts_from_the_same_weights_per_seed(mini):
+    _, result = mini
+    assert len({run.initial_weights for run in result.runs}) == 1
+
+
+def test_a_second_invocation_trains_nothing(mini, monkeypatch):
+    out, result = mini
+    import lmlp.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(lmlp.training, "train", no_training)
+    again = compare(mini_config(out))
+    assert [r.variant for r in again.runs] == [r.variant for r in result.runs]
+    np.testing.assert_array_equal(again.a, result.a)
+
+
+def test_interrupted_comparison_resumes_the_unfinished_run(tmp_path, monkeypatch):
+    import lmlp.training
+
+    cfg = mini_config(tmp_path)
+    original = lmlp.training._curve_row
+
+    def crash(epoch, *args):
+        if epoch == 5:
+            raise KeyboardInterrupt
+        return original(epoch, *args)
+
+    monkeypatch.setattr(lmlp.training, "_curve_row", crash)
+    with pytest.raises(KeyboardInterrupt):
+        compare(cfg, variants=["Adam"])
+    monkeypatch.setattr(lmlp.training, "_curve_row", original)
+    resumed = compare(cfg, variants=["Adam"])
+    fresh = compare(mini_config(tmp_path / "fresh"), variants=["Adam"])
+    assert resumed.runs[0].final_e == fresh.runs[0].final_e
+
+
+def test_learning_rate_grid_keeps_the_best_value(tmp_path):
+    result = compare(mini_config(tmp_path), variants=["Adam"], lr_grid=[1e-4, 1e-2], epochs=4)
+    losses = {}
+    for lr in (1e-4, 1e-2):
+        members = json.loads((tmp_path / "runs" / "Adam" / f"lr{lr:g}" / "metrics.json").read_text())["test"]["members"]
+        e, f = np.array(members["rmse_e"]) / 1e3, np.array(members["rmse_f"]) / 1e3
+        losses[lr] = np.mean(10.9**2 * e**2 + f**2)
+    assert result.runs[0].lr == min(losses, key=losses.get)
+    assert losses[1e-4] != losses[1e-2]
+    assert "best value of the grid" in (tmp_path / "comparison.md").read_text()
+
+
+def test_invalid_variant_is_reported_before_any_training(tmp_path):
+    from lmlp.errors import LmlpError
+
+    cfg = config_from_dict({"data": {"path": str(TINY)}, "compare": {
+        "out": str(tmp_path), "variants": [{"name": "bad", "optimizer": "adam", "params": {"p_frozen": 0.1}}]}})
+    with pytest.raises(LmlpError, match="compare variant 'bad'.*p_frozen"):
+        compare(cfg)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(LmlpError, match="not variants of the config"):
+        compare(cfg, variants=["nope"])
