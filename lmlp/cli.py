@@ -124,6 +124,68 @@ def data_generate(
     )
 
 
+@data_app.command("label")
+def data_label(
+    source: Annotated[Path, typer.Argument(help="Structures to label: extxyz (e.g. flagged by lmlp md) or anything ASE reads.")],
+    out: Annotated[Path, typer.Option(help="Output HDF5 file (lmlp layout, with a train/test split).")],
+    method: Annotated[str, typer.Option(help="Reference method: gfn2-xtb (tblite) or pyscf (B3LYP/def2-SVPD).")] = "gfn2-xtb",
+    charge: Annotated[Optional[int], typer.Option(
+        help="Total charge (e) of structures without info charge (SN2: -1); required if any lacks one.")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Test fraction of the split (stratified by label).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+) -> None:
+    """Compute reference energies and forces for structures (as lmlp data generate does) and write HDF5."""
+    from lmlp.md import label_flagged
+
+    labelled, failed = label_flagged(source, out, method=method, charge=charge, test_fraction=test_fraction,
+                                     seed=seed, command=_command_line(), progress=True)
+    typer.echo(f"wrote {len(labelled)} structures labelled with {labelled.attrs['method']} to {out}"
+               + (f"; {len(failed)} failed (structures {', '.join(map(str, failed))})" if failed else ""))
+
+
+@app.command("md")
+def md_command(
+    model: Annotated[Path, typer.Argument(help="A model file (model.pt).")],
+    start: Annotated[Path, typer.Argument(help="Start structure: any file ASE reads (xyz, extxyz, ...) or lmlp .h5.")],
+    ensemble: Annotated[str, typer.Option(help="nve (velocity Verlet) or nvt (Langevin).")] = "nve",
+    temperature: Annotated[float, typer.Option(help="Start-velocity (and NVT bath) temperature, K.")] = 300.0,
+    timestep: Annotated[float, typer.Option(help="Time step, fs.")] = 0.5,
+    steps: Annotated[int, typer.Option(help="Number of MD steps.")] = 1000,
+    out: Annotated[Optional[Path], typer.Option(help="ASE trajectory file (.traj) to write.")] = None,
+    flagged: Annotated[Optional[Path], typer.Option(
+        help="extxyz file for structures above the uncertainty thresholds (active learning).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the start velocities and the Langevin noise.")] = 0,
+    friction: Annotated[float, typer.Option(help="Langevin friction (nvt), 1/fs.")] = 0.01,
+    index: Annotated[int, typer.Option(help="Which structure of START to use.")] = 0,
+    interval: Annotated[int, typer.Option(help="Write the trajectory every this many steps.")] = 10,
+    max_flagged: Annotated[int, typer.Option(help="At most this many flagged structures.")] = 100,
+    flag_interval: Annotated[int, typer.Option(help="At least this many steps between two flagged structures.")] = 10,
+    energy_factor: Annotated[float, typer.Option(
+        help="Energy threshold: per-atom energy std above this x the model's mean test RMSE (meV/atom).")] = 2.0,
+    force_factor: Annotated[float, typer.Option(
+        help="Force threshold: largest force-component std above this x the mean test force RMSE.")] = 5.0,
+    min_distance: Annotated[Optional[float], typer.Option(
+        help="Closest interatomic distance of the training data, Å (default: the model file's, if stored); "
+             "closer atoms are warned about and counted.")] = None,
+    float64: Annotated[bool, typer.Option("--float64", help="Run the lMLP in float64 (tighter energy conservation).")] = False,
+    threads: Annotated[int, typer.Option(
+        help="Torch threads (0: torch's default); small molecules run fastest on 1.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Molecular dynamics with an lMLP ensemble (ASE); prints the summary (energy drift, uncertainty)."""
+    import torch
+
+    from lmlp.md import run_md
+
+    summary = run_md(model, start, ensemble=ensemble.lower(), temperature_K=temperature, timestep_fs=timestep,
+                     steps=steps, out_trajectory=out, seed=seed, flagged_path=flagged, friction_per_fs=friction,
+                     start_index=index, trajectory_interval=interval, max_flagged=max_flagged,
+                     flag_interval=flag_interval, energy_factor=energy_factor, force_factor=force_factor,
+                     dtype=torch.float64 if float64 else None, min_distance=min_distance, threads=threads or None,
+                     progress=progress)
+    typer.echo(summary.format())
+
+
 @app.command("train")
 def train_command(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config file (not with --resume).")] = None,
@@ -169,6 +231,38 @@ def evaluate_command(
     target = out or model.with_name(f"evaluation_{data.stem}{'_' + split if split else ''}.json")
     atomic_write_text(target, json.dumps(evaluation_json(results), indent=2))
     typer.echo(f"written to {target}")
+
+
+@app.command("compare")
+def compare_command(
+    config: Annotated[Path, typer.Argument(help="YAML config with a compare: section (variants, seeds, ...).")],
+    optimizers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated variant names of the config to run (default: all).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Trainings per variant (overrides compare.seeds).")] = None,
+    lr_grid: Annotated[Optional[str], typer.Option(
+        help="Comma-separated learning rates / maximal step sizes to try per variant, e.g. 1e-4,1e-3,1e-2,1e-1,1.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epoch budget of every variant (overrides training.epochs).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (overrides compare.out).")] = None,
+) -> None:
+    """Compare optimizers under identical conditions: ranked table with accuracy scores, CSV, JSON, plots."""
+    from lmlp.compare import compare
+    from lmlp.config import load_config
+
+    if seeds is not None and seeds < 1 or epochs is not None and epochs < 1:
+        raise LmlpError("--seeds and --epochs must be at least 1")
+    compare(load_config(config), variants=optimizers.split(",") if optimizers else None, seeds=seeds,
+            lr_grid=_float_list("--lr-grid", lr_grid) if lr_grid else None, epochs=epochs, out=out)
+
+
+def _float_list(option: str, text: str) -> list[float]:
+    """Comma-separated positive numbers; LmlpError naming ``option`` otherwise."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise LmlpError(f"{option}: {text!r} is not a comma-separated list of numbers") from None
+    if not all(v > 0 for v in values):
+        raise LmlpError(f"{option}: {text!r} must contain only positive numbers")
+    return values
 
 
 @app.command("export")

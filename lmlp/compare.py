@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlp.config import Config, OptimizerConfig, VariantConfig
+from lmlp.config import CompareConfig, Config, OptimizerConfig, VariantConfig, load_config
 from lmlp.errors import ConfigError, LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
 from lmlp.optim import build_optimizer
@@ -126,6 +126,7 @@ def compare(
         candidates = []
         for lr in grid or [variant.lr]:
             run_cfg = _run_config(cfg, variant, lr, n_seeds, n_epochs, out_dir)
+            _check_earlier(run_cfg)
             if not (run_cfg.run_dir / "metrics.json").is_file():
                 resume = (run_cfg.run_dir / "checkpoint_last.pt").is_file()
                 print(f"{'resuming' if resume else 'training'} {variant.name}, lr {lr:g}, {n_seeds} seeds, "
@@ -155,6 +156,17 @@ def _check_variant(variant: VariantConfig) -> None:
         build_optimizer(variant.optimizer, [torch.zeros(1, requires_grad=True)], variant.lr, **variant.params)
     except ConfigError as exc:
         raise LmlpError(f"compare variant {variant.name!r}: {exc}") from None
+
+
+def _check_earlier(run_cfg: Config) -> None:
+    """A run directory left by an earlier invocation must hold the same training setup."""
+    stored = run_cfg.run_dir / "config.yaml"
+    if not stored.is_file():
+        return
+    earlier = dataclasses.replace(load_config(stored), compare=CompareConfig())
+    if earlier != dataclasses.replace(run_cfg, compare=CompareConfig()):
+        raise LmlpError(f"{run_cfg.run_dir} holds a run of a different setup; choose another --out "
+                        f"or remove it")
 
 
 def _slug(name: str) -> str:

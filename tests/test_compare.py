@@ -115,3 +115,35 @@ def test_invalid_variant_is_reported_before_any_training(tmp_path):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(LmlpError, match="not variants of the config"):
         compare(cfg, variants=["nope"])
+
+
+def test_compare_command_runs_and_rejects_bad_options(mini, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    out, _ = mini
+    config = tmp_path / "c.yaml"
+    cfg = {"name": "mini", "data": {"path": str(TINY)}, "model": {"hidden": [8]},
+           "selection": {"fit_fraction": 0.5}, "training": {"epochs": 6, "checkpoint_every": 3},
+           "output": {"progress": False},
+           "compare": {"seeds": 2, "out": str(out), "target_rmse_e": 60.0, "target_rmse_f": 1500.0,
+                       "variants": [{"name": "CoRe", "optimizer": "core", "lr": 1e-2},
+                                    {"name": "Adam", "optimizer": "adam", "lr": 1e-3}]}}
+    config.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "lmlp", "compare", str(config), "--optimizers", "CoRe,Adam"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| 1 |" in done.stdout and "training" not in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "lmlp", "compare", str(config), "--lr-grid", "1e-3,x"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "--lr-grid" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_output_directory_of_another_setup_is_refused(mini):
+    from lmlp.errors import LmlpError
+
+    out, _ = mini
+    with pytest.raises(LmlpError, match="holds a run of a different setup"):
+        compare(mini_config(out), variants=["Adam"], epochs=5)

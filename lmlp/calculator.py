@@ -1,0 +1,545 @@
+"""ASE calculator for lMLP ensembles: energies, forces and their ensemble uncertainties.
+
+``LMLPCalculator`` is a standard ASE ``Calculator`` (molecules and periodic cells) usable with every
+ASE optimiser and MD driver. The prediction is the ensemble mean; the spread of the M members is the
+uncertainty. Units: energies eV, forces eV/Å, lengths Å.
+
+Speed (small-molecule MD is overhead-bound): the calculator keeps a Verlet neighbour list (pairs
+within cutoff + skin, rebuilt when an atom has moved more than skin/2), with the triples and element
+weights of its pairs, and writes the descriptor derivatives out by hand. Each step evaluates the
+symmetry functions once, dE/dG of all members with per-atom gathered network weights (small systems)
+or the model's per-element networks, and contracts dE/dG with the pair and triple derivatives for all
+members at once: about a hundred tensor operations whatever the ensemble size, no autograd. Pairs
+beyond the cutoff contribute exactly zero (the cosine cutoff), so the results equal
+``HDNNPEnsemble.forward``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from lmlp.descriptors.neighbors import find_neighbors, find_triples
+from lmlp.elements import symbol
+from lmlp.errors import LmlpError
+from lmlp.model import ACTIVATIONS, HDNNPEnsemble
+
+ENERGY_FACTOR = 2.0
+"""Default energy threshold: the ensemble energy standard deviation per atom above this × the mean
+member test RMSE of the energy per atom."""
+FORCE_FACTOR = 5.0
+"""Default force threshold: the largest force-component standard deviation above this × the mean
+member test RMSE of the force components.
+
+On the test structures of the two SN2 models trained here (10 members 25-25, 4 members 16-16),
+99 % have ratios below 1.8 (energy) and 3.6 (forces), 99.9 % below 2.4 and 4.4–7.3: in-distribution
+structures are seldom flagged by the defaults."""
+SKIN = 1.0
+"""Verlet-list skin, Å."""
+BLOCK_FLOATS = 1 << 22
+"""Largest per-block temporary (floats) of the member contraction over pairs or triples."""
+GATHER_FLOATS = 1 << 22
+"""Per-atom copies of the network weights up to this many floats (else per-element networks)."""
+UNIT, R, FC, DFC, INV_R, G_ANGULAR = slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6), slice(6, 7), 7
+"""Columns of ``LMLPCalculator._pair_data``: unit vector, r, f_c(r), f_c'(r), 1/r; from G_ANGULAR on,
+g(r) and g'(r) of the E angular η."""
+
+
+class UnknownElementError(LmlpError, ValueError):
+    """The structure has elements the model was not trained on."""
+
+
+class TooCloseWarning(UserWarning):
+    """Two atoms are closer than any pair of the training data: the prediction extrapolates."""
+
+
+@dataclass(frozen=True)
+class UncertaintyThresholds:
+    """When a structure counts as uncertain (active learning).
+
+    Attributes:
+        energy_per_atom: threshold of the ensemble energy standard deviation divided by the number
+            of atoms, eV/atom (the test RMSE it derives from is per atom too).
+        forces: threshold of the largest standard deviation of a force component, eV/Å.
+    """
+
+    energy_per_atom: float
+    forces: float
+
+    @classmethod
+    def from_metadata(
+        cls, metadata: dict[str, Any], energy_factor: float = ENERGY_FACTOR, force_factor: float = FORCE_FACTOR
+    ) -> UncertaintyThresholds | None:
+        """Factors × the mean member test RMSEs of a model file (meV/atom, meV/Å); None without them."""
+        rmse_e, rmse_f = metadata.get("test_rmse_e"), metadata.get("test_rmse_f")
+        if not rmse_e or not rmse_f:
+            return None
+        return cls(energy_factor * float(np.mean(rmse_e)) / 1000.0, force_factor * float(np.mean(rmse_f)) / 1000.0)
+
+    def exceeded(self, results: dict[str, Any], n_atoms: int) -> bool:
+        """Whether calculator ``results`` of a structure of ``n_atoms`` atoms exceed a threshold."""
+        return (results["energy_uncertainty"] / n_atoms > self.energy_per_atom
+                or float(np.max(results["forces_uncertainty"], initial=0.0)) > self.forces)
+
+
+@dataclass
+class _Neighbours:
+    """A Verlet list: pairs within cutoff + skin and their triples, grouped by element classes.
+
+    The descriptor of atom i sums pair terms weighted by w(Z_j) and triple terms weighted by
+    W(Z_j, Z_k). With the nz elements of the structure, pair terms are first summed per
+    (element of j, centre) "slot" and triple terms per (element of j, element of k, centre) slot;
+    one matmul with the nz (or nz²) distinct weight vectors then gives G, and the same slots carry
+    dE/dG back to the pairs and triples. Slots are element-major, so that both are plain matmuls.
+
+    Attributes:
+        key: numbers, cell and pbc it was built for. reference: (N, 3) positions at the build, Å.
+        i, j: (P,) centre and neighbour. shifts: (P, 3) float64 image shifts, Å.
+        pair_slot: (P,) (element of j)·N + i. t0, t1: (Q,) the two pairs of a triple.
+        triple_slot: (Q,) (nz·(element of j) + element of k)·N + i.
+        pair_weights: (nz, T). triple_weights: (nz², U). n_elements: nz.
+        pair_blocks, triple_blocks: slices of pairs and triples evaluated together.
+    """
+
+    key: tuple
+    reference: np.ndarray
+    i: torch.Tensor
+    j: torch.Tensor
+    shifts: torch.Tensor
+    pair_slot: torch.Tensor
+    t0: torch.Tensor
+    t1: torch.Tensor
+    triple_slot: torch.Tensor
+    pair_weights: torch.Tensor
+    triple_weights: torch.Tensor
+    n_elements: int
+    pair_blocks: list[slice]
+    triple_blocks: list[slice]
+
+
+@dataclass
+class _Terms:
+    """Radial or angular terms of a block of pairs or triples, with what their gradients need.
+
+    A radial term depends on the pair distance r only: d/dv = slopes · u with u the pair's unit
+    vector. An angular term depends on the two pair vectors v_j, v_k of its triple:
+    d/dv_j = c_0 u_j + c_1 u_k and d/dv_k = c_2 u_k + c_3 u_j.
+
+    Attributes:
+        values: (B, C) the terms (radial: K functions; angular: E·L functions, η-major).
+        slopes: (B, C) radial dterm/dr, or (B, C, 4) angular c_0..c_3, per Å; None if not asked for.
+        units: (B, 3) u of a pair, or (B, 2, 3) u_j, u_k of a triple.
+    """
+
+    values: torch.Tensor
+    slopes: torch.Tensor | None
+    units: torch.Tensor
+
+
+class _Networks:
+    """Atomic energies and dE/dG of every member for a fixed list of atomic numbers.
+
+    Small systems use per-atom copies of the weights: each layer is one batched matmul for all
+    atoms and members (batched over atoms in the first layer, over atoms and members after it),
+    and the backward pass is written out. Larger systems (copies above ``GATHER_FLOATS``) use the
+    model's per-element networks. Per-atom copies beat padding atoms per element: a batched
+    matmul costs about a microsecond per batch entry, and the first layer has only N entries.
+    """
+
+    def __init__(self, model: HDNNPEnsemble, numbers: torch.Tensor) -> None:
+        self.members = model.members
+        self.mean = model.standardizer.mean
+        self.inv_std = 1.0 / model.standardizer.std
+        self.activation = ACTIVATIONS[model.networks[0].activation]
+        element = model.element_index(numbers)
+        network = model.networks[0]
+        per_member = sum(w[0].numel() + b[0].numel() for w, b in zip(network.weights, network.biases))
+        self.gathered = 2 * len(numbers) * model.members * per_member <= GATHER_FLOATS
+        if self.gathered:
+            self._gather(model, element)
+        else:
+            self.groups = [(model.networks[e], torch.nonzero(element == e).flatten())
+                           for e in element.unique().tolist()]
+
+    def _gather(self, model: HDNNPEnsemble, element: torch.Tensor) -> None:
+        """Per-atom weights: ``weights[0]`` (N, n_in, M·n_out), ``weights[k]`` (N·M, n_in, n_out) after
+        it, biases alike; ``transposed[k]`` (N·M, n_out, n_in), the first one scaled by 1/std."""
+        n, m = len(element), self.members
+        layers = zip(*(zip(net.weights, net.biases) for net in model.networks))
+        self.weights, self.transposed, self.biases = [], [], []
+        for k, layer in enumerate(layers):
+            w = torch.stack([w.detach() for w, _ in layer])[element]  # (N, M, n_in, n_out)
+            b = torch.stack([b.detach() for _, b in layer])[element]  # (N, M, n_out)
+            t = (w * self.inv_std[:, None] if k == 0 else w).transpose(2, 3)
+            self.transposed.append(t.reshape(n * m, w.shape[3], w.shape[2]))
+            if k == 0:
+                self.weights.append(w.permute(0, 2, 1, 3).reshape(n, w.shape[2], m * w.shape[3]))
+                self.biases.append(b.reshape(n, 1, -1))
+            else:
+                self.weights.append(w.reshape(n * m, w.shape[2], w.shape[3]))
+                self.biases.append(b.reshape(n * m, 1, -1))
+
+    def __call__(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (N, M) eV and dE/dG (N, M, F) from descriptors G (N, F)."""
+        x = (G - self.mean) * self.inv_std
+        if not self.gathered:
+            return self._per_element(x)
+        n, m = x.shape[0], self.members
+        z = torch.baddbmm(self.biases[0], x[:, None, :], self.weights[0]).view(n * m, 1, -1)
+        slopes = []
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h, slope = self.activation(z)
+            slopes.append(slope)
+            z = torch.baddbmm(b, h, w)
+        grad = self.transposed[-1]
+        for k in range(len(slopes) - 1, -1, -1):
+            grad = torch.bmm(grad * slopes[k], self.transposed[k])
+        return z.view(n, m), grad.view(n, m, -1)
+
+    def _per_element(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        atomic = x.new_empty(len(x), self.members)
+        dE_dG = x.new_empty(len(x), self.members, x.shape[1])
+        for network, atoms in self.groups:
+            energy, grad = network.with_input_gradient(x[atoms], self.inv_std)
+            atomic[atoms] = energy.T
+            dE_dG[atoms] = grad.transpose(0, 1)
+        return atomic, dE_dG
+
+
+class LMLPCalculator(Calculator):
+    """ASE calculator of an lMLP ensemble: ensemble-mean energy (eV) and forces (eV/Å).
+
+    Args:
+        model: a model file (``model.pt``) or an ``HDNNPEnsemble``.
+        dtype: precision of descriptors and networks (default: the model's); float64 for tight
+            energy conservation. Pair vectors and energy sums are always float64.
+        min_distance: closest interatomic distance (Å) of the training data; closer pairs warn
+            (``TooCloseWarning``, once per calculator) and are counted in ``too_close_count``.
+            Default: ``metadata["min_pair_distance"]`` of the model file; None disables the check.
+        uncertainty_thresholds: when a structure counts as uncertain (see ``is_uncertain``);
+            default: ``UncertaintyThresholds.from_metadata`` of the model file.
+        metadata: the model-file metadata when ``model`` is an ``HDNNPEnsemble``.
+        skin: Verlet-list skin, Å.
+
+    The network weights are copied (per atom, for speed) when a composition is first seen: build a
+    new calculator after changing the model's weights.
+
+    Besides ``energy``, ``free_energy`` (equal) and ``forces``, ``results`` holds:
+
+    - ``energies``: (M,) member energies, eV;
+    - ``forces_members``: (M, N, 3) member forces, eV/Å;
+    - ``energy_uncertainty``: ensemble standard deviation (ddof = 1) of the energy, eV;
+    - ``forces_uncertainty``: (N, 3) standard deviation (ddof = 1) of each force component, eV/Å
+      (both 0 for a single-member model);
+    - ``closest_distance``: the smallest interatomic distance within cutoff + skin, Å (else inf).
+
+    Raises ``UnknownElementError`` (one line) for elements the model does not know.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(
+        self,
+        model: str | os.PathLike | HDNNPEnsemble,
+        dtype: torch.dtype | None = None,
+        min_distance: float | None = None,
+        uncertainty_thresholds: UncertaintyThresholds | None = None,
+        metadata: dict[str, Any] | None = None,
+        skin: float = SKIN,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(model, HDNNPEnsemble):
+            from lmlp.modelfile import load_model
+
+            model, metadata = load_model(model)
+        self.metadata = metadata or {}
+        model_dtype = next(model.parameters()).dtype
+        self.dtype = dtype or model_dtype
+        self.model = copy.deepcopy(model).to(self.dtype) if self.dtype != model_dtype else model
+        self.min_distance = min_distance if min_distance is not None else self.metadata.get("min_pair_distance")
+        self.uncertainty_thresholds = uncertainty_thresholds or UncertaintyThresholds.from_metadata(self.metadata)
+        self.skin = skin
+        self.too_close_count = 0
+        """Calculations in which two atoms were closer than ``min_distance``."""
+        self.n_calculations = 0
+        self._neighbours: _Neighbours | None = None
+        self._networks: _Networks | None = None
+        self._baseline = 0.0
+        descriptor = self.model.descriptor
+        self._radial_params = descriptor._radial_params(self.dtype)
+        eta, lam, zeta = descriptor._angular_params(self.dtype)
+        self._angular_params = (eta, lam, zeta, 2.0 ** (1.0 - zeta), zeta * lam * 2.0 ** (1.0 - zeta))
+        self._n_radial, self._n_eta = len(self._radial_params[0]), len(eta)
+        self._n_angular = len(eta) * len(lam)
+
+    @property
+    def members(self) -> int:
+        return self.model.members
+
+    def calculate(self, atoms: Atoms | None = None, properties: list[str] | None = None,
+                  system_changes: list[str] = all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        with torch.inference_mode():
+            energies, forces, closest = self._evaluate(self.atoms)
+            correction = 1 if self.members > 1 else 0
+            energy_std, energy = torch.std_mean(energies, dim=0, correction=correction)
+            forces_std, forces_mean = torch.std_mean(forces, dim=0, correction=correction)
+        self.n_calculations += 1
+        self._check_distance(closest)
+        self.results = {
+            "energy": energy.item(),
+            "free_energy": energy.item(),
+            "forces": forces_mean.numpy(),
+            "energies": energies.numpy(),
+            "forces_members": forces.numpy(),
+            "energy_uncertainty": energy_std.item(),
+            "forces_uncertainty": forces_std.numpy(),
+            "closest_distance": closest,
+        }
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """What changed since the last calculation among what the lMLP depends on: positions,
+        numbers, cell and pbc (charges and magnetic moments do not enter it).
+
+        Compared exactly (any difference counts; ``tol`` is unused): ASE's ``np.allclose``
+        comparison of every array cost more than a tenth of a small-molecule MD step.
+        """
+        if self.atoms is None:
+            return list(all_changes)
+        old = self.atoms
+        return [name for name, a, b in (
+            ("positions", old.positions, atoms.positions), ("numbers", old.numbers, atoms.numbers),
+            ("cell", old.cell.array, atoms.cell.array), ("pbc", old.pbc, atoms.pbc),
+        ) if a.shape != b.shape or a.tobytes() != b.tobytes()]
+
+    def is_uncertain(self, atoms: Atoms | None = None) -> bool:
+        """Whether the current results exceed ``uncertainty_thresholds`` (False without thresholds)."""
+        if atoms is not None:
+            self.get_property("energy", atoms)
+        thresholds = self.uncertainty_thresholds
+        return thresholds is not None and thresholds.exceeded(self.results, len(self.atoms))
+
+    def summary(self) -> str:
+        """One line: calculations, and how often atoms came closer than the training data."""
+        if self.min_distance is None:
+            close = "closest-pair check off (no training minimum distance known)"
+        else:
+            close = (f"{self.too_close_count} with atoms closer than the training minimum "
+                     f"{self.min_distance:.3f} Å")
+        return f"{self.n_calculations} calculations; {close}"
+
+    def _check_distance(self, closest: float) -> None:
+        if self.min_distance is None or closest >= self.min_distance:
+            return
+        self.too_close_count += 1
+        if self.too_close_count == 1:
+            warnings.warn(f"atoms {closest:.3f} Å apart, closer than any pair of the training data "
+                          f"({self.min_distance:.3f} Å): the lMLP extrapolates (counted in too_close_count; "
+                          f"further cases are not warned about)", TooCloseWarning, stacklevel=2)
+
+    def _evaluate(self, atoms: Atoms) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Member energies (M,) eV, member forces (M, N, 3) eV/Å (float64) and the closest distance, Å."""
+        positions = torch.from_numpy(atoms.positions)
+        nb = self._update_neighbours(atoms)
+        pairs = self._pair_data((positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype))
+        closest = float(pairs[:, R].min()) if pairs.shape[0] else math.inf
+        G, radial, angular = self._descriptors(nb, pairs, len(atoms))
+        atomic, dE_dG = self._networks(G)
+        gradient = self._pair_gradients(nb, pairs, dE_dG, radial, angular)
+        forces = gradient.new_zeros(len(atoms), self.members, 3).index_add_(0, nb.i, gradient)
+        forces.index_add_(0, nb.j, -gradient)
+        energies = atomic.to(torch.float64).sum(0) + self._baseline
+        return energies, forces.transpose(0, 1).to(torch.float64), closest
+
+    def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
+        """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""
+        key = (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.pbc.tobytes())
+        nb = self._neighbours
+        if nb is not None and nb.key == key:
+            moved = np.max(np.sum((atoms.positions - nb.reference) ** 2, axis=1), initial=0.0)
+            if moved <= (self.skin / 2) ** 2:
+                return nb
+        if nb is None or nb.key[0] != key[0]:
+            self._set_composition(atoms.numbers)
+        self._neighbours = self._build_neighbours(atoms, key)
+        return self._neighbours
+
+    def _set_composition(self, numbers: np.ndarray) -> None:
+        """Networks and the reference-energy baseline for new atomic numbers."""
+        unknown = sorted(set(numbers.tolist()) - set(self.model.elements.tolist()))
+        if unknown:
+            known = ", ".join(symbol(int(z)) for z in self.model.elements)
+            names = ", ".join(f"{symbol(z)} (Z = {z})" for z in unknown)
+            raise UnknownElementError(f"the model knows only {known}; the structure has {names}")
+        z = torch.from_numpy(numbers.astype(np.int64))
+        self._networks = _Networks(self.model, z)
+        self._baseline = self.model.reference_baseline(z, torch.tensor([0, len(numbers)]))[0].item()
+
+    def _build_neighbours(self, atoms: Atoms, key: tuple) -> _Neighbours:
+        periodic = bool(atoms.pbc.any())
+        descriptor = self.model.descriptor
+        nb = find_neighbors(
+            torch.from_numpy(atoms.positions), torch.tensor([0, len(atoms)]), descriptor.cutoff + self.skin,
+            torch.from_numpy(atoms.cell.array)[None] if periodic else None,
+            torch.from_numpy(atoms.pbc)[None] if periodic else None,
+        )
+        i, j = nb.pairs
+        triples = find_triples(nb.pairs, len(atoms))
+        elements, element = np.unique(atoms.numbers, return_inverse=True)
+        nz, element = len(elements), torch.from_numpy(element.astype(np.int64))
+        n = len(atoms)
+        z = torch.from_numpy(elements.astype(np.int64))
+        t0, t1 = triples
+        return _Neighbours(
+            key=key, reference=atoms.positions.copy(), i=i, j=j, shifts=nb.shifts.to(torch.float64),
+            pair_slot=element[j] * n + i, t0=t0, t1=t1,
+            triple_slot=(element[j[t0]] * nz + element[j[t1]]) * n + i[t0],
+            pair_weights=descriptor.neighbor_weights[z].to(self.dtype),
+            triple_weights=descriptor.pair_weights[z][:, z].reshape(nz**2, -1).to(self.dtype),
+            n_elements=nz,
+            pair_blocks=self._blocks(len(i), (self.members + 3) * self._n_radial),
+            triple_blocks=self._blocks(len(t0), (self.members + 6) * self._n_angular),
+        )
+
+    def _blocks(self, n: int, width: int) -> list[slice]:
+        """Slices of ``n`` pairs or triples with at most ``BLOCK_FLOATS`` temporaries (``width`` per item)."""
+        size = max(1, BLOCK_FLOATS // width)
+        return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+    def _descriptors(
+        self, nb: _Neighbours, pairs: torch.Tensor, n_atoms: int
+    ) -> tuple[torch.Tensor, list[_Terms] | None, list[_Terms] | None]:
+        """G (N, F) and the terms of the pairs and triples with their slopes; the terms are None when
+        split into blocks (they are recomputed block by block for the forces).
+
+        ``pairs`` is the ``_pair_data`` of the Verlet list.
+        """
+        nz, n_k, n_el = nb.n_elements, self._n_radial, self._n_angular
+        by_pair_slot = pairs.new_zeros(n_atoms * nz, n_k)
+        by_triple_slot = pairs.new_zeros(n_atoms * nz**2, n_el)
+        pair_blocks, triple_blocks = nb.pair_blocks, nb.triple_blocks
+        keep = len(pair_blocks) <= 1 and len(triple_blocks) <= 1
+        radials, angulars = [], []
+        for block in pair_blocks:
+            radials.append(self._radial(pairs[block], slopes=keep))
+            by_pair_slot.index_add_(0, nb.pair_slot[block], radials[-1].values)
+        for block in triple_blocks:
+            angulars.append(self._angular(pairs[nb.t0[block]], pairs[nb.t1[block]], slopes=keep))
+            by_triple_slot.index_add_(0, nb.triple_slot[block], angulars[-1].values)
+        G_radial = (nb.pair_weights.T @ by_pair_slot.view(nz, -1)).view(-1, n_atoms, n_k).transpose(0, 1)
+        G_angular = (nb.triple_weights.T @ by_triple_slot.view(nz**2, -1)).view(-1, n_atoms, n_el).transpose(0, 1)
+        G = torch.cat([G_radial.reshape(n_atoms, -1), G_angular.reshape(n_atoms, -1)], 1)
+        return G, radials if keep else None, angulars if keep else None
+
+    def _pair_data(self, v: torch.Tensor) -> torch.Tensor:
+        """Per pair vector v (P, 3): (P, 7 + 2E) unit vector u, r (Å), f_c(r), f_c'(r), 1/r, and per
+        angular η the factor g(r) = exp(−η r²) f_c(r) of the angular terms and g'(r).
+
+        f_c(r) = ½[cos(π r/R_c) + 1] inside the cutoff, else 0. The angular terms' radial part
+        exp(−η (a² + b²)) f_c(a) f_c(b) is g(a) g(b): computed per pair, not per triple.
+        """
+        cutoff = self.model.descriptor.cutoff
+        eta = self._angular_params[0]
+        r = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        x = (math.pi / cutoff) * r
+        inside = r < cutoff
+        fc = torch.where(inside, 0.5 * torch.cos(x) + 0.5, 0.0)
+        dfc = torch.where(inside, (-0.5 * math.pi / cutoff) * torch.sin(x), 0.0)
+        inv_r = 1.0 / r
+        gauss = torch.exp(-eta * r * r)
+        return torch.cat([v * inv_r, r, fc, dfc, inv_r, gauss * fc, gauss * (dfc - 2.0 * eta * r * fc)], 1)
+
+    def _radial(self, pairs: torch.Tensor, slopes: bool = True) -> _Terms:
+        """exp(−η (r − r_s)²) f_c(r) (P, K) and its r-derivative, from ``_pair_data``."""
+        eta, r_s = self._radial_params
+        unit, r, fc, dfc = pairs[:, UNIT], pairs[:, R], pairs[:, FC], pairs[:, DFC]
+        gauss = torch.exp(-eta * (r - r_s) ** 2)
+        slope = gauss * (dfc - 2.0 * eta * (r - r_s) * fc) if slopes else None
+        return _Terms(gauss * fc, slope, unit)
+
+    def _angular(self, first: torch.Tensor, second: torch.Tensor, slopes: bool = True) -> _Terms:
+        """The terms of ``lmlp.descriptors.terms.angular_terms`` (Q, E·L) and their gradient
+        coefficients (Q, E·L, 4), from the ``_pair_data`` of the two pairs of each triple.
+
+        A term is R Θ(cos θ) with R = g(a) g(b) [h(d)], a = |v_j|, b = |v_k|, cos θ = u_j·u_k, and
+        for G4 d = |v_k − v_j|, h(d) = exp(−η d²) f_c(d). With ∂a/∂v_j = u_j,
+        ∂cos θ/∂v_j = (u_k − cos θ u_j)/a, ∂d/∂v_j = (a u_j − b u_k)/d and the mirror images for
+        v_k, the gradient is a combination of u_j and u_k (see ``_Terms``).
+        """
+        _, lam, zeta, norm, slope_norm = self._angular_params
+        g, dg = slice(G_ANGULAR, G_ANGULAR + self._n_eta), slice(G_ANGULAR + self._n_eta, None)
+        uj, uk = first[:, UNIT], second[:, UNIT]
+        gj, dgj, gk, dgk = first[:, g], first[:, dg], second[:, g], second[:, dg]
+        cos = (uj * uk).sum(1, keepdim=True)
+        radial = gj * gk  # (Q, E)
+        g4 = self.model.descriptor.g4
+        if g4:
+            a, b = first[:, R], second[:, R]
+            jk = self._pair_data(b * uk - a * uj)
+            inv_d, h, dh = jk[:, INV_R], jk[:, g], jk[:, dg]
+            radial_ab, radial = radial, radial * h
+        base = (1.0 + lam * cos).clamp(min=0.0)
+        angular = norm * base**zeta  # (Q, L)
+        values = (radial[:, :, None] * angular[:, None, :]).flatten(1)
+        units = torch.stack([uj, uk], 1)
+        if not slopes:
+            return _Terms(values, None, units)
+        inv_a, inv_b = first[:, INV_R, None], second[:, INV_R, None]
+        by_a, by_b = dgj * gk, gj * dgk  # ∂R/∂a, ∂R/∂b: (Q, E)
+        if g4:
+            by_a, by_b = by_a * h, by_b * h
+        d_angular = torch.where(base > 0, slope_norm * base ** (zeta - 1.0), 0.0)
+        by_cos = radial[:, :, None] * d_angular[:, None, :]  # (Q, E, L)
+        along_cos = by_cos * cos[:, :, None]
+        coefficients = [
+            by_a[:, :, None] * angular[:, None, :] - along_cos * inv_a,
+            by_cos * inv_a,
+            by_b[:, :, None] * angular[:, None, :] - along_cos * inv_b,
+            by_cos * inv_b,
+        ]
+        if g4:
+            by_d = (radial_ab * dh)[:, :, None] * angular[:, None, :] * inv_d[:, :, None]
+            a_d, b_d = by_d * a[:, :, None], by_d * b[:, :, None]
+            coefficients = [coefficients[0] + a_d, coefficients[1] - b_d, coefficients[2] + b_d, coefficients[3] - a_d]
+        return _Terms(values, torch.stack(coefficients, 3).flatten(1, 2), units)
+
+    def _pair_gradients(
+        self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor,
+        radials: list[_Terms] | None, angulars: list[_Terms] | None,
+    ) -> torch.Tensor:
+        """dE_m/dv_p (P, M, 3) of every member m and pair vector v_p, eV/Å.
+
+        dE/dG is first taken to the element slots (one matmul per kind), then gathered per pair
+        and triple and contracted with the term slopes (one bmm per kind and block).
+        """
+        n, m = dE_dG.shape[0], self.members
+        n_types, n_k = nb.pair_weights.shape[1], self._n_radial
+        n_radial = n_types * n_k
+        radial = dE_dG[:, :, :n_radial].reshape(n, m, n_types, n_k).permute(2, 0, 1, 3).reshape(n_types, -1)
+        radial_slots = (nb.pair_weights @ radial).view(-1, m, n_k)  # (nz·N, M, K)
+        n_pair_types = nb.triple_weights.shape[1]
+        angular = dE_dG[:, :, n_radial:].reshape(n, m, n_pair_types, -1).permute(2, 0, 1, 3).reshape(n_pair_types, -1)
+        angular_slots = (nb.triple_weights @ angular).view(nb.n_elements**2 * n, m, -1)  # (nz²·N, M, E·L)
+        gradient = pairs.new_empty(pairs.shape[0], m, 3)
+        for k, block in enumerate(nb.pair_blocks):
+            terms = radials[k] if radials is not None else self._radial(pairs[block])
+            by_r = (radial_slots[nb.pair_slot[block]] * terms.slopes[:, None, :]).sum(2, keepdim=True)
+            gradient[block] = by_r * terms.units[:, None, :]
+        for k, block in enumerate(nb.triple_blocks):
+            t0, t1 = nb.t0[block], nb.t1[block]
+            terms = angulars[k] if angulars is not None else self._angular(pairs[t0], pairs[t1])
+            c = torch.bmm(angular_slots[nb.triple_slot[block]], terms.slopes)[:, :, :, None]  # (Q, M, 4, 1)
+            uj, uk = terms.units[:, None, 0], terms.units[:, None, 1]
+            gradient.index_add_(0, t0, c[:, :, 0] * uj + c[:, :, 1] * uk)
+            gradient.index_add_(0, t1, c[:, :, 2] * uk + c[:, :, 3] * uj)
+        return gradient

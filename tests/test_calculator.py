@@ -1,0 +1,224 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.optimize import BFGS
+from factories import TINY
+
+import lmlp.calculator as calculator
+from lmlp.calculator import LMLPCalculator, TooCloseWarning, UncertaintyThresholds, UnknownElementError
+from lmlp.config import DescriptorConfig
+from lmlp.data import read_structures
+from lmlp.descriptors import Standardizer, SymmetryFunctions
+from lmlp.errors import LmlpError
+from lmlp.metrics import evaluate_model
+from lmlp.model import HDNNPEnsemble, fit_reference_energies
+from lmlp.modelfile import save_model
+
+INDICES = (0, 57, 130)
+"""Structures of three different reactions of the tiny set."""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return read_structures(TINY)[0]
+
+
+def build_model(s, descriptor: DescriptorConfig = DescriptorConfig(), hidden=(8, 8), members=3) -> HDNNPEnsemble:
+    """An untrained float64 ensemble knowing every element of ``s``, with random biases."""
+    elements = sorted(set(s.numbers.tolist()))
+    sf = SymmetryFunctions.from_config(descriptor, elements)
+    G = sf(*map(torch.from_numpy, (s.numbers, s.positions, s.offsets)))
+    e_ref = torch.from_numpy(fit_reference_energies(s.numbers, s.offsets, s.energy, elements))
+    model = HDNNPEnsemble(sf, Standardizer.fit(G), elements, e_ref, hidden=list(hidden), members=members)
+    generator = torch.Generator().manual_seed(1)
+    for network in model.networks:
+        for b in network.biases:
+            b.data.normal_(generator=generator)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return build_model(tiny)
+
+
+def reference(model: HDNNPEnsemble, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
+    """Member energies (M,) and forces (M, N, 3) from the model's autograd path."""
+    periodic = bool(atoms.pbc.any())
+    energies, forces = model(
+        torch.from_numpy(atoms.numbers), torch.from_numpy(atoms.positions), torch.tensor([0, len(atoms)]),
+        torch.from_numpy(atoms.cell.array)[None] if periodic else None,
+        torch.from_numpy(atoms.pbc)[None] if periodic else None,
+    )
+    return energies[:, 0].numpy(), forces.numpy()
+
+
+def assert_matches_model(calc: LMLPCalculator, model: HDNNPEnsemble, atoms: Atoms) -> None:
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    energies, member_forces = reference(model, atoms)
+    r = calc.results
+    np.testing.assert_allclose(r["energies"], energies, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(r["forces_members"], member_forces, rtol=0, atol=1e-10)
+    assert atoms.get_potential_energy() == pytest.approx(energies.mean(), abs=1e-9)
+    assert r["free_energy"] == r["energy"]
+    np.testing.assert_allclose(forces, member_forces.mean(0), rtol=0, atol=1e-10)
+    assert r["energy_uncertainty"] == pytest.approx(np.std(energies, ddof=1), abs=1e-9)
+    np.testing.assert_allclose(r["forces_uncertainty"], np.std(member_forces, axis=0, ddof=1), atol=1e-10)
+
+
+@pytest.mark.parametrize(("descriptor", "hidden"), [
+    (DescriptorConfig(), (8, 8)),
+    (DescriptorConfig(angular_form="g4"), (8,)),
+    (DescriptorConfig(kind="acsf"), ()),
+    (DescriptorConfig(), (6, 5, 4)),
+])
+def test_members_equal_the_model_forward(tiny, descriptor, hidden):
+    model = build_model(tiny, descriptor, hidden)
+    calc = LMLPCalculator(model)
+    for i in INDICES:
+        assert_matches_model(calc, model, tiny.atoms(i))
+
+
+def test_blocked_and_per_element_paths_equal_the_model_forward(tiny, model, monkeypatch):
+    monkeypatch.setattr(calculator, "BLOCK_FLOATS", 400)
+    monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    calc = LMLPCalculator(model)
+    for i in INDICES:
+        assert_matches_model(calc, model, tiny.atoms(i))
+    assert not calc._networks.gathered
+
+
+@pytest.mark.parametrize("pbc", [(True, True, True), (True, False, True)])
+def test_periodic_cells_equal_the_model_forward(tiny, pbc):
+    model = build_model(tiny, DescriptorConfig(cutoff=5.0))
+    atoms = tiny.atoms(3)
+    atoms.calc = None
+    atoms.set_cell(np.diag([6.0, 7.0, 6.5]))
+    atoms.pbc = pbc
+    assert_matches_model(LMLPCalculator(model), model, atoms)
+
+
+def test_verlet_list_follows_atoms_across_the_cutoff(tiny):
+    model = build_model(tiny, DescriptorConfig(cutoff=4.0))
+    calc = LMLPCalculator(model, skin=0.5)
+    atoms = tiny.atoms(0)
+    atoms.calc = None
+    direction = atoms.positions[4] - atoms.positions[0]
+    direction /= np.linalg.norm(direction)
+    for distance in np.arange(3.3, 4.8, 0.15):  # the halide leaves the carbon's cutoff sphere
+        atoms.positions[4] = atoms.positions[0] + distance * direction
+        assert_matches_model(calc, model, atoms)
+
+
+def test_forces_are_minus_the_energy_gradient(tiny, model):
+    atoms = tiny.atoms(57)
+    atoms.calc = LMLPCalculator(model)
+    forces = atoms.get_forces().copy()
+    h = 1e-5
+    for atom, axis in [(0, 0), (2, 1), (4, 2), (5, 0)]:
+        energies = []
+        for step in (h, -h):
+            moved = atoms.copy()
+            moved.calc = atoms.calc
+            moved.positions[atom, axis] += step
+            energies.append(moved.get_potential_energy())
+        assert forces[atom, axis] == pytest.approx(-(energies[0] - energies[1]) / (2 * h), abs=1e-6)
+
+
+def test_member_rmses_equal_evaluate_model(tiny, model):
+    test = tiny.subset(tiny.split["test"][:8])
+    calc = LMLPCalculator(model)
+    energies, forces = [], []
+    for i in range(len(test)):
+        atoms = test.atoms(i)
+        atoms.calc = calc
+        atoms.get_forces()
+        energies.append(calc.results["energies"])
+        forces.append(calc.results["forces_members"])
+    de = (np.stack(energies, 1) - test.energy) / test.n_atoms * 1000  # (M, S) meV/atom
+    df = (np.concatenate(forces, 1) - test.forces) * 1000  # (M, N, 3) meV/Å
+    expected = evaluate_model(model, test)["all"]
+    np.testing.assert_allclose(np.sqrt((de**2).mean(1)), expected.rmse_e, rtol=1e-9)
+    np.testing.assert_allclose(np.sqrt((df**2).mean((1, 2))), expected.rmse_f, rtol=1e-9)
+    assert np.sqrt((de.mean(0) ** 2).mean()) == pytest.approx(expected.ensemble["rmse_e"], rel=1e-9)
+
+
+def test_float32_calculation_leaves_the_model_alone(tiny, model):
+    atoms = tiny.atoms(130)
+    atoms.calc = LMLPCalculator(model, dtype=torch.float32)
+    energies, forces = reference(model, atoms)
+    assert atoms.get_potential_energy() == pytest.approx(energies.mean(), abs=1e-4)
+    np.testing.assert_allclose(atoms.get_forces(), forces.mean(0), atol=1e-4)
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_model_file_gives_thresholds_and_minimum_distance(tmp_path, tiny, model):
+    metadata = {"test_rmse_e": [2.0, 4.0], "test_rmse_f": [100.0, 300.0], "min_pair_distance": 0.7}
+    save_model(tmp_path / "model.pt", model, metadata)
+    calc = LMLPCalculator(tmp_path / "model.pt")
+    assert calc.uncertainty_thresholds == UncertaintyThresholds(
+        energy_per_atom=calculator.ENERGY_FACTOR * 3.0e-3, forces=calculator.FORCE_FACTOR * 0.2)
+    assert calc.min_distance == 0.7
+    atoms = tiny.atoms(0)
+    atoms.calc = calc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_matches_model(calc, model, atoms)
+    assert calc.too_close_count == 0
+    r = calc.results
+    uncertain = (r["energy_uncertainty"] / 6 > calc.uncertainty_thresholds.energy_per_atom
+                 or r["forces_uncertainty"].max() > calc.uncertainty_thresholds.forces)
+    assert calc.is_uncertain() == uncertain
+    calc.uncertainty_thresholds = UncertaintyThresholds(np.inf, 0.0)
+    assert calc.is_uncertain(atoms)
+    calc.uncertainty_thresholds = UncertaintyThresholds(np.inf, np.inf)
+    assert not calc.is_uncertain(atoms)
+
+
+def test_unknown_element_is_a_one_line_error(model):
+    atoms = Atoms("NaCl", positions=[[0, 0, 0], [0, 0, 2.4]])
+    atoms.calc = LMLPCalculator(model)
+    with pytest.raises(UnknownElementError, match=r"has Na \(Z = 11\)$") as error:
+        atoms.get_potential_energy()
+    assert isinstance(error.value, LmlpError) and isinstance(error.value, ValueError)
+    assert "\n" not in str(error.value) and "H, C, F, Cl, Br, I" in str(error.value)
+
+
+def test_too_close_atoms_warn_once_and_are_counted(tiny, model):
+    calc = LMLPCalculator(model, min_distance=1.2)  # C–H bonds are 1.1 Å
+    atoms = tiny.atoms(0)
+    atoms.calc = calc
+    with pytest.warns(TooCloseWarning, match="closer than any pair of the training data"):
+        atoms.get_potential_energy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atoms.positions[0, 0] += 0.01
+        atoms.get_potential_energy()
+        atoms.positions[1] = atoms.positions[0] + [2.0, 0.0, 0.0]
+        atoms.positions[2] = atoms.positions[0] + [0.0, 2.0, 0.0]
+        atoms.positions[3] = atoms.positions[0] + [0.0, 0.0, -2.0]
+        atoms.get_potential_energy()
+    assert calc.too_close_count == 2
+    assert "3 calculations; 2 with atoms closer than the training minimum 1.200 Å" in calc.summary()
+
+
+def test_bfgs_lowers_the_energy(tiny, model):
+    atoms = tiny.atoms(130)
+    atoms.calc = LMLPCalculator(model)
+    before = atoms.get_potential_energy()
+    optimizer = BFGS(atoms, logfile=None)
+    optimizer.run(fmax=0.01, steps=8)
+    assert atoms.get_potential_energy() < before - 0.01
+    assert optimizer.nsteps == 8
+
+
+def test_one_calculator_serves_several_compositions(tiny, model):
+    calc = LMLPCalculator(model)
+    for i in (*INDICES, 0):
+        assert_matches_model(calc, model, tiny.atoms(i))
+    fragment = Atoms("HCH", positions=[[0, 0, 0], [0, 0, 1.1], [1.0, 0, 1.5]])
+    assert_matches_model(calc, model, fragment)
