@@ -124,6 +124,29 @@ def data_generate(
     )
 
 
+@data_app.command("merge")
+def data_merge(
+    out: Annotated[Path, typer.Argument(help="Output HDF5 file.")],
+    sources: Annotated[list[Path], typer.Argument(help="lmlp HDF5 files with a stored split, joined in order.")],
+) -> None:
+    """Join structure files and their train/test splits (e.g. the training data and newly labelled structures)."""
+    from lmlp.data import concatenate, read_structures, write_structures
+
+    sets = [read_structures(path)[0] for path in sources]
+    methods = {str(s.attrs.get("method")) for s in sets}
+    if len(methods) > 1:
+        raise LmlpError(f"the files were labelled with different methods ({', '.join(sorted(methods))}); "
+                        f"their energies cannot be mixed")
+    for path, s in zip(sources, sets):
+        if not s.split:
+            raise LmlpError(f"{path}: has no stored train/test split (lmlp data convert makes one)")
+    merged = concatenate(sets, keep_splits=True)
+    merged.attrs.update({"command": _command_line(), "sources": ", ".join(map(str, sources))})
+    write_structures(out, merged)
+    typer.echo(f"wrote {len(merged)} structures to {out} "
+               f"({', '.join(f'{k} {len(v)}' for k, v in merged.split.items())})")
+
+
 @data_app.command("label")
 def data_label(
     source: Annotated[Path, typer.Argument(help="Structures to label: extxyz (e.g. flagged by lmlp md) or anything ASE reads.")],

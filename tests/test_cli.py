@@ -59,3 +59,19 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
+
+
+def test_data_merge_joins_files_and_splits(tmp_path):
+    from factories import random_molecules
+
+    a, b = random_molecules(10, seed=1), random_molecules(6, seed=2)
+    write_structures(tmp_path / "a.h5", a)
+    write_structures(tmp_path / "b.h5", b)
+    done = lmlp("data", "merge", tmp_path / "ab.h5", tmp_path / "a.h5", tmp_path / "b.h5")
+    assert done.returncode == 0, done.stderr
+    merged, _ = read_structures(tmp_path / "ab.h5")
+    assert len(merged) == 16 and len(merged.split["train"]) == len(a.split["train"]) + len(b.split["train"])
+    b.attrs["method"] = "other"
+    write_structures(tmp_path / "c.h5", b)
+    bad = lmlp("data", "merge", tmp_path / "x.h5", tmp_path / "a.h5", tmp_path / "c.h5")
+    assert bad.returncode == 1 and "different methods" in bad.stderr

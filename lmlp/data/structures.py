@@ -167,8 +167,9 @@ class StructureSet:
         )
 
 
-def concatenate(sets: list[StructureSet]) -> StructureSet:
-    """Join structure sets in order; splits are dropped, attrs of the first set kept."""
+def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> StructureSet:
+    """Join structure sets in order, attrs of the first set kept. Splits are dropped, or with
+    ``keep_splits`` joined by name (renumbered); then every set must have a split."""
     if not sets:
         raise DataError("nothing to concatenate")
     periodic = any(s.cell is not None for s in sets)
@@ -180,6 +181,13 @@ def concatenate(sets: list[StructureSet]) -> StructureSet:
         return s.pbc if s.pbc is not None else np.zeros((len(s), 3), dtype=bool)
 
     starts = np.cumsum([0] + [s.offsets[-1] for s in sets[:-1]])
+    split: dict[str, np.ndarray] = {}
+    if keep_splits:
+        if not all(s.split for s in sets):
+            raise DataError("every structure set needs a stored split to join the splits")
+        first = np.cumsum([0] + [len(s) for s in sets[:-1]])
+        for name in dict.fromkeys(k for s in sets for k in s.split):
+            split[name] = np.concatenate([s.split.get(name, np.zeros(0, np.int64)) + f for s, f in zip(sets, first)])
     return StructureSet(
         numbers=np.concatenate([s.numbers for s in sets]),
         positions=np.concatenate([s.positions for s in sets]),
@@ -191,6 +199,7 @@ def concatenate(sets: list[StructureSet]) -> StructureSet:
         cell=np.concatenate([cells(s) for s in sets]) if periodic else None,
         pbc=np.concatenate([pbcs(s) for s in sets]) if periodic else None,
         attrs=dict(sets[0].attrs),
+        split=split,
     )
 
 

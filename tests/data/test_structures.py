@@ -46,3 +46,16 @@ def test_stratified_split_takes_fraction_of_every_label():
     assert (label[split["test"]] == "b").sum() == 3
     assert np.char.startswith(label[split["test"]].astype(str), "single").sum() == 1
     np.testing.assert_array_equal(split["test"], stratified_split(label, 0.1, seed=3)["test"])
+
+
+def test_concatenate_can_join_splits_by_name():
+    a, b = random_molecules(10, seed=1), random_molecules(6, seed=2)
+    joined = concatenate([a, b], keep_splits=True)
+    for name in ("train", "test"):
+        expected = np.concatenate([a.split[name], b.split[name] + 10])
+        np.testing.assert_array_equal(joined.split[name], expected)
+        assert_sets_equal(joined.split_subset(name), concatenate([a.split_subset(name), b.split_subset(name)]))
+    assert concatenate([a, b]).split == {}
+    b.split = {}
+    with pytest.raises(DataError, match="needs a stored split"):
+        concatenate([a, b], keep_splits=True)
