@@ -39,6 +39,8 @@ from lmlp.descriptors import Standardizer, SymmetryFunctions
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
 from lmlp.reference.sn2 import BOND, COMPLEX
 
+from descriptors import random_cluster as descriptor_cluster  # benchmarks/ is on sys.path when run as a script
+
 REACTIONS = ("F+CH3F", "F+CH3Cl", "Cl+CH3Br", "Br+CH3I", "I+CH3I")
 CLUSTERS = {30: 40, 100: 4, 300: 2}
 """Cluster size: timed MD steps."""
@@ -68,18 +70,9 @@ def reactant_complex(s, reaction: str) -> Atoms:
 
 
 def random_cluster(n: int, seed: int) -> Atoms:
-    """SN2-like elements at liquid-like density (≈ 0.1 atoms/Å³), at least 1 Å apart
-    (as in benchmarks/descriptors.py)."""
-    rng = np.random.default_rng(seed)
-    side = (n / 0.1) ** (1 / 3)
-    pos = rng.uniform(0, side, (4 * n, 3))
-    keep = [0]
-    for k in range(1, len(pos)):
-        if len(keep) == n:
-            break
-        if np.min(np.linalg.norm(pos[keep] - pos[k], axis=1)) > 1.0:
-            keep.append(k)
-    return Atoms(numbers=rng.choice([1, 6, 9, 17, 35, 53], len(keep)), positions=pos[keep])
+    """The clusters of benchmarks/descriptors.py, as ASE atoms."""
+    numbers, positions = descriptor_cluster(n, seed)
+    return Atoms(numbers=numbers.numpy(), positions=positions.numpy())
 
 
 def steps_per_second(atoms: Atoms, calc: Calculator, steps: int, warmup: int, blocks: int = 3) -> float:

@@ -40,8 +40,8 @@ except ImportError:
 
 from lmlp.calculator import ENERGY_FACTOR, FORCE_FACTOR, LMLPCalculator, UncertaintyThresholds
 from lmlp.data import StructureSet, read_structures, stratified_split, write_structures
-from lmlp.data.convert import H5_SUFFIXES
-from lmlp.errors import DataError, LmlpError
+from lmlp.data.convert import H5_SUFFIXES, read_images
+from lmlp.errors import LmlpError
 from lmlp.model import HDNNPEnsemble
 
 ENSEMBLES = ("nve", "nvt")
@@ -221,11 +221,7 @@ def read_start(path: str | os.PathLike, index: int = 0) -> Atoms:
         atoms = s.atoms(index)
         atoms.calc = None
         return atoms
-    try:
-        return ase.io.read(path, index=index)
-    except Exception as exc:  # ASE's parsers raise many types; the message is what matters
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LmlpError(f"{path}: ASE cannot read structure {index}: {first}") from None
+    return read_images(path, index=index)[0]
 
 
 def make_dynamics(
@@ -420,13 +416,5 @@ def label_flagged(
 
 def _read_images(source: str | os.PathLike) -> list[Atoms]:
     """Every structure of an ASE-readable file (positions and info only)."""
-    if not Path(source).is_file():
-        raise DataError(f"{source}: no such file")
-    try:
-        images = ase.io.read(source, index=":")
-    except Exception as exc:  # ASE's parsers raise many types; the message is what matters
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{source}: ASE cannot read it: {first}") from None
-    if not images:
-        raise DataError(f"{source}: no structures in the file")
-    return [Atoms(a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc, info=dict(a.info)) for a in images]
+    return [Atoms(a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc, info=dict(a.info))
+            for a in read_images(source)]

@@ -12,6 +12,7 @@ from typing import Literal
 
 import ase.io
 import numpy as np
+from ase import Atoms
 
 from lmlp.data.hdf5 import read_structures, write_structures
 from lmlp.data.structures import StructureSet, stratified_split
@@ -29,16 +30,27 @@ def read_ase(path: str | os.PathLike, default_charge: int = 0, fmt: str | None =
     Charges come from ``info["charge"]`` (else ``default_charge``), labels from ``info["label"]``
     (else the formula), the split from ``info["split"]`` when every structure has one.
     """
+    images = read_images(path, fmt=fmt)
+    return StructureSet.from_atoms(images, default_charge=default_charge, source=str(path))
+
+
+def read_images(path: str | os.PathLike, index: int | str = ":", fmt: str | None = None) -> list[Atoms]:
+    """Structures ``index`` (one number, or a slice such as ":") of an ASE-readable file.
+
+    A missing or unreadable file, or one without structures, is a ``DataError`` naming it.
+    """
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
+    what = "it" if isinstance(index, str) else f"structure {index}"
     try:
-        images = ase.io.read(path, index=":", format=fmt)
+        images = ase.io.read(path, index=index, format=fmt)
     except Exception as exc:  # ASE's parsers raise many types; the message is what matters
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: ASE cannot read it: {first}") from None
+        raise DataError(f"{path}: ASE cannot read {what}: {first}") from None
+    images = images if isinstance(images, list) else [images]
     if not images:
         raise DataError(f"{path}: no structures in the file")
-    return StructureSet.from_atoms(images, default_charge=default_charge, source=str(path))
+    return images
 
 
 def write_extxyz(path: str | os.PathLike, s: StructureSet) -> None:
