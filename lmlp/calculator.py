@@ -9,9 +9,9 @@ within cutoff + skin, rebuilt when an atom has moved more than skin/2), with the
 weights of its pairs, and writes the descriptor derivatives out by hand. Each step evaluates the
 symmetry functions once, dE/dG of all members with per-atom gathered network weights (small systems)
 or the model's per-element networks, and contracts dE/dG with the pair and triple derivatives for all
-members at once: about a hundred tensor operations whatever the ensemble size, no autograd. Pairs
-beyond the cutoff contribute exactly zero (the cosine cutoff), so the results equal
-``HDNNPEnsemble.forward``.
+members at once; no autograd. The arithmetic is in TorchScript kernels (``lmlp.calculator_kernels``):
+a small molecule's whole step is one compiled call. Pairs beyond the cutoff contribute exactly zero
+(the cosine cutoff), so the results equal ``HDNNPEnsemble.forward``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from ase.calculators.calculator import Calculator, all_changes
 from lmlp.descriptors.neighbors import find_neighbors, find_triples
 from lmlp.elements import symbol
 from lmlp.errors import LmlpError
-from lmlp.model import ACTIVATIONS, HDNNPEnsemble
+from lmlp import calculator_kernels as kernels
+from lmlp.model import HDNNPEnsemble
 
 ENERGY_FACTOR = 2.0
 """Default energy threshold: the ensemble energy standard deviation per atom above this × the mean
@@ -49,10 +50,6 @@ BLOCK_FLOATS = 1 << 22
 """Largest per-block temporary (floats) of the member contraction over pairs or triples."""
 GATHER_FLOATS = 1 << 22
 """Per-atom copies of the network weights up to this many floats (else per-element networks)."""
-UNIT, R, FC, DFC, INV_R, G_ANGULAR = slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6), slice(6, 7), 7
-"""Columns of ``LMLPCalculator._pair_data``: unit vector, r, f_c(r), f_c'(r), 1/r; from G_ANGULAR on,
-g(r) and g'(r) of the E angular η."""
-
 
 class UnknownElementError(LmlpError, ValueError):
     """The structure has elements the model was not trained on."""
@@ -126,25 +123,6 @@ class _Neighbours:
     triple_blocks: list[slice]
 
 
-@dataclass
-class _Terms:
-    """Radial or angular terms of a block of pairs or triples, with what their gradients need.
-
-    A radial term depends on the pair distance r only: d/dv = slopes · u with u the pair's unit
-    vector. An angular term depends on the two pair vectors v_j, v_k of its triple:
-    d/dv_j = c_0 u_j + c_1 u_k and d/dv_k = c_2 u_k + c_3 u_j.
-
-    Attributes:
-        values: (B, C) the terms (radial: K functions; angular: E·L functions, η-major).
-        slopes: (B, C) radial dterm/dr, or (B, C, 4) angular c_0..c_3, per Å; None if not asked for.
-        units: (B, 3) u of a pair, or (B, 2, 3) u_j, u_k of a triple.
-    """
-
-    values: torch.Tensor
-    slopes: torch.Tensor | None
-    units: torch.Tensor
-
-
 class _Networks:
     """Atomic energies and dE/dG of every member for a fixed list of atomic numbers.
 
@@ -159,7 +137,7 @@ class _Networks:
         self.members = model.members
         self.mean = model.standardizer.mean
         self.inv_std = 1.0 / model.standardizer.std
-        self.activation = ACTIVATIONS[model.networks[0].activation]
+        self.activation = kernels.ACTIVATION_CODES[model.networks[0].activation]
         element = model.element_index(numbers)
         network = model.networks[0]
         per_member = sum(w[0].numel() + b[0].numel() for w, b in zip(network.weights, network.biases))
@@ -190,20 +168,10 @@ class _Networks:
 
     def __call__(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (N, M) eV and dE/dG (N, M, F) from descriptors G (N, F)."""
-        x = (G - self.mean) * self.inv_std
-        if not self.gathered:
-            return self._per_element(x)
-        n, m = x.shape[0], self.members
-        z = torch.baddbmm(self.biases[0], x[:, None, :], self.weights[0]).view(n * m, 1, -1)
-        slopes = []
-        for w, b in zip(self.weights[1:], self.biases[1:]):
-            h, slope = self.activation(z)
-            slopes.append(slope)
-            z = torch.baddbmm(b, h, w)
-        grad = self.transposed[-1]
-        for k in range(len(slopes) - 1, -1, -1):
-            grad = torch.bmm(grad * slopes[k], self.transposed[k])
-        return z.view(n, m), grad.view(n, m, -1)
+        if self.gathered:
+            return kernels.gathered_networks(G, self.mean, self.inv_std, self.weights, self.biases, self.transposed,
+                                             self.activation, self.members)
+        return self._per_element((G - self.mean) * self.inv_std)
 
     def _per_element(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         atomic = x.new_empty(len(x), self.members)
@@ -279,7 +247,7 @@ class LMLPCalculator(Calculator):
         self._radial_params = descriptor._radial_params(self.dtype)
         eta, lam, zeta = descriptor._angular_params(self.dtype)
         self._angular_params = (eta, lam, zeta, 2.0 ** (1.0 - zeta), zeta * lam * 2.0 ** (1.0 - zeta))
-        self._n_radial, self._n_eta = len(self._radial_params[0]), len(eta)
+        self._n_radial = len(self._radial_params[0])
         self._n_angular = len(eta) * len(lam)
 
     @property
@@ -351,15 +319,41 @@ class LMLPCalculator(Calculator):
         """Member energies (M,) eV, member forces (M, N, 3) eV/Å (float64) and the closest distance, Å."""
         positions = torch.from_numpy(atoms.positions)
         nb = self._update_neighbours(atoms)
-        pairs = self._pair_data((positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype))
-        closest = float(pairs[:, R].min()) if pairs.shape[0] else math.inf
-        G, radial, angular = self._descriptors(nb, pairs, len(atoms))
-        atomic, dE_dG = self._networks(G)
-        gradient = self._pair_gradients(nb, pairs, dE_dG, radial, angular)
-        forces = gradient.new_zeros(len(atoms), self.members, 3).index_add_(0, nb.i, gradient)
-        forces.index_add_(0, nb.j, -gradient)
+        networks = self._networks
+        if networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1:
+            atomic, forces, r = kernels.small_system(
+                positions, nb.i, nb.j, nb.shifts, nb.pair_slot, nb.t0, nb.t1, nb.triple_slot, nb.pair_weights,
+                nb.triple_weights, *self._radial_params, *self._angular_params, self.model.descriptor.cutoff,
+                self.model.descriptor.g4, networks.mean, networks.inv_std, networks.weights, networks.biases,
+                networks.transposed, networks.activation, self.members)
+        else:
+            atomic, forces, r = self._blocked(nb, positions)
+        closest = float(r.min()) if r.shape[0] else math.inf
         energies = atomic.to(torch.float64).sum(0) + self._baseline
         return energies, forces.transpose(0, 1).to(torch.float64), closest
+
+    def _blocked(self, nb: _Neighbours, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kernels.small_system`` for larger systems: pairs and triples in blocks (terms recomputed
+        for the gradients when there are several), per-element networks when per-atom copies of
+        the weights would be too large."""
+        n = len(positions)
+        v = (positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype)
+        pairs = kernels.pair_data(v, self.model.descriptor.cutoff, self._angular_params[0])
+        keep = len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1
+        radials = [self._radial(pairs[block], keep) for block in nb.pair_blocks]
+        angulars = [self._angular(pairs[nb.t0[block]], pairs[nb.t1[block]], keep) for block in nb.triple_blocks]
+        G_radial = pairs.new_zeros(n, nb.pair_weights.shape[1] * self._n_radial)
+        for block, (values, _) in zip(nb.pair_blocks, radials):
+            G_radial += kernels.slot_sums(values, nb.pair_slot[block], nb.pair_weights, n)
+        G_angular = pairs.new_zeros(n, nb.triple_weights.shape[1] * self._n_angular)
+        for block, (values, _) in zip(nb.triple_blocks, angulars):
+            G_angular += kernels.slot_sums(values, nb.triple_slot[block], nb.triple_weights, n)
+        G = torch.cat([G_radial, G_angular], 1)
+        atomic, dE_dG = self._networks(G)
+        gradient = self._pair_gradients(nb, pairs, dE_dG, radials if keep else None, angulars if keep else None)
+        forces = gradient.new_zeros(n, self.members, 3).index_add_(0, nb.i, gradient)
+        forces.index_add_(0, nb.j, -gradient)
+        return atomic, forces, pairs[:, 3]
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""
@@ -416,130 +410,37 @@ class LMLPCalculator(Calculator):
         size = max(1, BLOCK_FLOATS // width)
         return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
-    def _descriptors(
-        self, nb: _Neighbours, pairs: torch.Tensor, n_atoms: int
-    ) -> tuple[torch.Tensor, list[_Terms] | None, list[_Terms] | None]:
-        """G (N, F) and the terms of the pairs and triples with their slopes; the terms are None when
-        split into blocks (they are recomputed block by block for the forces).
+    def _radial(self, pairs: torch.Tensor, slopes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Radial terms (P, K) of pairs with ``kernels.pair_data`` rows ``pairs``, and their slopes."""
+        return kernels.radial(pairs, *self._radial_params, slopes)
 
-        ``pairs`` is the ``_pair_data`` of the Verlet list.
-        """
-        nz, n_k, n_el = nb.n_elements, self._n_radial, self._n_angular
-        by_pair_slot = pairs.new_zeros(n_atoms * nz, n_k)
-        by_triple_slot = pairs.new_zeros(n_atoms * nz**2, n_el)
-        pair_blocks, triple_blocks = nb.pair_blocks, nb.triple_blocks
-        keep = len(pair_blocks) <= 1 and len(triple_blocks) <= 1
-        radials, angulars = [], []
-        for block in pair_blocks:
-            radials.append(self._radial(pairs[block], slopes=keep))
-            by_pair_slot.index_add_(0, nb.pair_slot[block], radials[-1].values)
-        for block in triple_blocks:
-            angulars.append(self._angular(pairs[nb.t0[block]], pairs[nb.t1[block]], slopes=keep))
-            by_triple_slot.index_add_(0, nb.triple_slot[block], angulars[-1].values)
-        G_radial = (nb.pair_weights.T @ by_pair_slot.view(nz, -1)).view(-1, n_atoms, n_k).transpose(0, 1)
-        G_angular = (nb.triple_weights.T @ by_triple_slot.view(nz**2, -1)).view(-1, n_atoms, n_el).transpose(0, 1)
-        G = torch.cat([G_radial.reshape(n_atoms, -1), G_angular.reshape(n_atoms, -1)], 1)
-        return G, radials if keep else None, angulars if keep else None
-
-    def _pair_data(self, v: torch.Tensor) -> torch.Tensor:
-        """Per pair vector v (P, 3): (P, 7 + 2E) unit vector u, r (Å), f_c(r), f_c'(r), 1/r, and per
-        angular η the factor g(r) = exp(−η r²) f_c(r) of the angular terms and g'(r).
-
-        f_c(r) = ½[cos(π r/R_c) + 1] inside the cutoff, else 0. The angular terms' radial part
-        exp(−η (a² + b²)) f_c(a) f_c(b) is g(a) g(b): computed per pair, not per triple.
-        """
-        cutoff = self.model.descriptor.cutoff
-        eta = self._angular_params[0]
-        r = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-        x = (math.pi / cutoff) * r
-        inside = r < cutoff
-        fc = torch.where(inside, 0.5 * torch.cos(x) + 0.5, 0.0)
-        dfc = torch.where(inside, (-0.5 * math.pi / cutoff) * torch.sin(x), 0.0)
-        inv_r = 1.0 / r
-        gauss = torch.exp(-eta * r * r)
-        return torch.cat([v * inv_r, r, fc, dfc, inv_r, gauss * fc, gauss * (dfc - 2.0 * eta * r * fc)], 1)
-
-    def _radial(self, pairs: torch.Tensor, slopes: bool = True) -> _Terms:
-        """exp(−η (r − r_s)²) f_c(r) (P, K) and its r-derivative, from ``_pair_data``."""
-        eta, r_s = self._radial_params
-        unit, r, fc, dfc = pairs[:, UNIT], pairs[:, R], pairs[:, FC], pairs[:, DFC]
-        gauss = torch.exp(-eta * (r - r_s) ** 2)
-        slope = gauss * (dfc - 2.0 * eta * (r - r_s) * fc) if slopes else None
-        return _Terms(gauss * fc, slope, unit)
-
-    def _angular(self, first: torch.Tensor, second: torch.Tensor, slopes: bool = True) -> _Terms:
-        """The terms of ``lmlp.descriptors.terms.angular_terms`` (Q, E·L) and their gradient
-        coefficients (Q, E·L, 4), from the ``_pair_data`` of the two pairs of each triple.
-
-        A term is R Θ(cos θ) with R = g(a) g(b) [h(d)], a = |v_j|, b = |v_k|, cos θ = u_j·u_k, and
-        for G4 d = |v_k − v_j|, h(d) = exp(−η d²) f_c(d). With ∂a/∂v_j = u_j,
-        ∂cos θ/∂v_j = (u_k − cos θ u_j)/a, ∂d/∂v_j = (a u_j − b u_k)/d and the mirror images for
-        v_k, the gradient is a combination of u_j and u_k (see ``_Terms``).
-        """
-        _, lam, zeta, norm, slope_norm = self._angular_params
-        g, dg = slice(G_ANGULAR, G_ANGULAR + self._n_eta), slice(G_ANGULAR + self._n_eta, None)
-        uj, uk = first[:, UNIT], second[:, UNIT]
-        gj, dgj, gk, dgk = first[:, g], first[:, dg], second[:, g], second[:, dg]
-        cos = (uj * uk).sum(1, keepdim=True)
-        radial = gj * gk  # (Q, E)
-        g4 = self.model.descriptor.g4
-        if g4:
-            a, b = first[:, R], second[:, R]
-            jk = self._pair_data(b * uk - a * uj)
-            inv_d, h, dh = jk[:, INV_R], jk[:, g], jk[:, dg]
-            radial_ab, radial = radial, radial * h
-        base = (1.0 + lam * cos).clamp(min=0.0)
-        angular = norm * base**zeta  # (Q, L)
-        values = (radial[:, :, None] * angular[:, None, :]).flatten(1)
-        units = torch.stack([uj, uk], 1)
-        if not slopes:
-            return _Terms(values, None, units)
-        inv_a, inv_b = first[:, INV_R, None], second[:, INV_R, None]
-        by_a, by_b = dgj * gk, gj * dgk  # ∂R/∂a, ∂R/∂b: (Q, E)
-        if g4:
-            by_a, by_b = by_a * h, by_b * h
-        d_angular = torch.where(base > 0, slope_norm * base ** (zeta - 1.0), 0.0)
-        by_cos = radial[:, :, None] * d_angular[:, None, :]  # (Q, E, L)
-        along_cos = by_cos * cos[:, :, None]
-        coefficients = [
-            by_a[:, :, None] * angular[:, None, :] - along_cos * inv_a,
-            by_cos * inv_a,
-            by_b[:, :, None] * angular[:, None, :] - along_cos * inv_b,
-            by_cos * inv_b,
-        ]
-        if g4:
-            by_d = (radial_ab * dh)[:, :, None] * angular[:, None, :] * inv_d[:, :, None]
-            a_d, b_d = by_d * a[:, :, None], by_d * b[:, :, None]
-            coefficients = [coefficients[0] + a_d, coefficients[1] - b_d, coefficients[2] + b_d, coefficients[3] - a_d]
-        return _Terms(values, torch.stack(coefficients, 3).flatten(1, 2), units)
+    def _angular(self, first: torch.Tensor, second: torch.Tensor,
+                 slopes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Angular terms (Q, E·L) of triples and their gradient coefficients (``kernels.angular``)."""
+        return kernels.angular(first, second, *self._angular_params, self.model.descriptor.cutoff,
+                               self.model.descriptor.g4, slopes)
 
     def _pair_gradients(
         self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor,
-        radials: list[_Terms] | None, angulars: list[_Terms] | None,
+        radials: list[tuple[torch.Tensor, torch.Tensor | None]] | None,
+        angulars: list[tuple[torch.Tensor, torch.Tensor | None]] | None,
     ) -> torch.Tensor:
-        """dE_m/dv_p (P, M, 3) of every member m and pair vector v_p, eV/Å.
+        """dE_m/dv_p (P, M, 3) of every member m and pair vector v_p, eV/Å, block by block.
 
         dE/dG is first taken to the element slots (one matmul per kind), then gathered per pair
         and triple and contracted with the term slopes (one bmm per kind and block).
         """
-        n, m = dE_dG.shape[0], self.members
-        n_types, n_k = nb.pair_weights.shape[1], self._n_radial
-        n_radial = n_types * n_k
-        radial = dE_dG[:, :, :n_radial].reshape(n, m, n_types, n_k).permute(2, 0, 1, 3).reshape(n_types, -1)
-        radial_slots = (nb.pair_weights @ radial).view(-1, m, n_k)  # (nz·N, M, K)
-        n_pair_types = nb.triple_weights.shape[1]
-        angular = dE_dG[:, :, n_radial:].reshape(n, m, n_pair_types, -1).permute(2, 0, 1, 3).reshape(n_pair_types, -1)
-        angular_slots = (nb.triple_weights @ angular).view(nb.n_elements**2 * n, m, -1)  # (nz²·N, M, E·L)
-        gradient = pairs.new_empty(pairs.shape[0], m, 3)
+        n_radial = nb.pair_weights.shape[1] * self._n_radial
+        radial_slots = kernels.slot_gradients(dE_dG[:, :, :n_radial], nb.pair_weights, self._n_radial)
+        angular_slots = kernels.slot_gradients(dE_dG[:, :, n_radial:], nb.triple_weights, self._n_angular)
+        gradient = pairs.new_empty(pairs.shape[0], self.members, 3)
         for k, block in enumerate(nb.pair_blocks):
-            terms = radials[k] if radials is not None else self._radial(pairs[block])
-            by_r = (radial_slots[nb.pair_slot[block]] * terms.slopes[:, None, :]).sum(2, keepdim=True)
-            gradient[block] = by_r * terms.units[:, None, :]
+            slopes = radials[k][1] if radials is not None else self._radial(pairs[block])[1]
+            gradient[block] = kernels.radial_gradient(radial_slots[nb.pair_slot[block]], slopes, pairs[block, 0:3])
         for k, block in enumerate(nb.triple_blocks):
             t0, t1 = nb.t0[block], nb.t1[block]
-            terms = angulars[k] if angulars is not None else self._angular(pairs[t0], pairs[t1])
-            c = torch.bmm(angular_slots[nb.triple_slot[block]], terms.slopes)[:, :, :, None]  # (Q, M, 4, 1)
-            uj, uk = terms.units[:, None, 0], terms.units[:, None, 1]
-            gradient.index_add_(0, t0, c[:, :, 0] * uj + c[:, :, 1] * uk)
-            gradient.index_add_(0, t1, c[:, :, 2] * uk + c[:, :, 3] * uj)
+            first, second = pairs[t0], pairs[t1]
+            slopes = angulars[k][1] if angulars is not None else self._angular(first, second)[1]
+            kernels.add_angular_gradient(gradient, angular_slots[nb.triple_slot[block]], slopes, t0, t1,
+                                         first[:, 0:3], second[:, 0:3])
         return gradient

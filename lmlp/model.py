@@ -19,9 +19,9 @@ SCALED_TANH = 1.59223
 
 
 
-def _scaled_tanh(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scaled_tanh(z: torch.Tensor, scale: float = SCALED_TANH) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.tanh(z)
-    return SCALED_TANH * t, torch.addcmul(torch.full_like(t, SCALED_TANH), t, t, value=-SCALED_TANH)
+    return scale * t, torch.addcmul(torch.full_like(t, scale), t, t, value=-scale)
 
 
 def _tanh(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
