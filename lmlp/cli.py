@@ -218,6 +218,7 @@ def train_command(
              "checkpoint_last.pt beside it) on the config's, possibly grown, data.")] = None,
 ) -> None:
     """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
+    from lmlp import distributed
     from lmlp.config import load_config
     from lmlp.training import format_table, train
 
@@ -225,9 +226,11 @@ def train_command(
         raise LmlpError("give a config file, or --resume RUN_DIR (whose config.yaml is used), not both")
     if resume is not None and continue_from is not None:
         raise LmlpError("--resume continues a run as it was started; --continue-from is for a new run")
-    result = train(load_config(config or resume / "config.yaml"), resume=resume is not None,
-                   continue_from=continue_from)
-    typer.echo(format_table(result))
+    cfg = load_config(config or resume / "config.yaml")
+    with distributed.processes(cfg.training.device) as workers:
+        result = train(cfg, resume=resume is not None, continue_from=continue_from, workers=workers)
+    if workers.main:
+        typer.echo(format_table(result))
 
 
 @app.command("evaluate")
@@ -268,13 +271,16 @@ def compare_command(
     out: Annotated[Optional[Path], typer.Option(help="Output directory (overrides compare.out).")] = None,
 ) -> None:
     """Compare optimizers under identical conditions: ranked table with accuracy scores, CSV, JSON, plots."""
+    from lmlp import distributed
     from lmlp.compare import compare
     from lmlp.config import load_config
 
     if seeds is not None and seeds < 1 or epochs is not None and epochs < 1:
         raise LmlpError("--seeds and --epochs must be at least 1")
-    compare(load_config(config), variants=optimizers.split(",") if optimizers else None, seeds=seeds,
-            lr_grid=_float_list("--lr-grid", lr_grid) if lr_grid else None, epochs=epochs, out=out)
+    cfg = load_config(config)
+    with distributed.processes(cfg.training.device):
+        compare(cfg, variants=optimizers.split(",") if optimizers else None, seeds=seeds,
+                lr_grid=_float_list("--lr-grid", lr_grid) if lr_grid else None, epochs=epochs, out=out)
 
 
 def _float_list(option: str, text: str) -> list[float]:

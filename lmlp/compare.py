@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmlp import distributed
 from lmlp.config import CompareConfig, Config, OptimizerConfig, VariantConfig, load_config
 from lmlp.errors import ConfigError, LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
@@ -110,6 +111,8 @@ def compare(
     """Run (or resume) the comparison ``cfg.compare`` describes and write its outputs.
 
     ``variants`` (names), ``seeds``, ``lr_grid``, ``epochs`` and ``out`` override the config.
+    Under torchrun the runs are spread over the processes (round robin, each run in one process);
+    process 0 writes the outputs once all runs are done (``lmlp.distributed``).
     """
     from lmlp.training import train
 
@@ -121,21 +124,26 @@ def compare(
     out_dir = Path(out or spec.out.replace("{name}", cfg.name))
     for variant in chosen:
         _check_variant(variant)
+    runs = [(variant, lr, _run_config(cfg, variant, lr, n_seeds, n_epochs, out_dir))
+            for variant in chosen for lr in grid or [variant.lr]]
+    for _, _, run_cfg in runs:
+        _check_earlier(run_cfg)
+    workers = distributed.current()
+    for k, (variant, lr, run_cfg) in enumerate(runs):
+        if k % workers.size == workers.rank and not (run_cfg.run_dir / "metrics.json").is_file():
+            resume = (run_cfg.run_dir / "checkpoint_last.pt").is_file()
+            print(f"{'resuming' if resume else 'training'} {variant.name}, lr {lr:g}, {n_seeds} seeds, "
+                  f"{n_epochs} epochs → {run_cfg.run_dir}"
+                  + (f" (process {workers.rank})" if workers.size > 1 else ""), flush=True)
+            train(run_cfg, resume=resume, workers=distributed.SINGLE)
+    workers.barrier()
     summaries = []
     for variant in chosen:
-        candidates = []
-        for lr in grid or [variant.lr]:
-            run_cfg = _run_config(cfg, variant, lr, n_seeds, n_epochs, out_dir)
-            _check_earlier(run_cfg)
-            if not (run_cfg.run_dir / "metrics.json").is_file():
-                resume = (run_cfg.run_dir / "checkpoint_last.pt").is_file()
-                print(f"{'resuming' if resume else 'training'} {variant.name}, lr {lr:g}, {n_seeds} seeds, "
-                      f"{n_epochs} epochs → {run_cfg.run_dir}", flush=True)
-                train(run_cfg, resume=resume)
-            candidates.append(summarize_run(run_cfg, variant, lr))
+        candidates = [summarize_run(run_cfg, v, lr) for v, lr, run_cfg in runs if v is variant]
         summaries.append(min(candidates, key=lambda s: s.test_loss))
     comparison = _score(summaries, out_dir)
-    write_outputs(comparison, cfg, grid is not None)
+    if workers.main:
+        write_outputs(comparison, cfg, grid is not None)
     return comparison
 
 

@@ -228,6 +228,14 @@ class TrainingConfig:
     """Torch device; "auto" uses CUDA when available."""
     threads: int = _field(0, ge=0)
     """Torch CPU threads (0: torch default)."""
+    on_divergence: Literal["lower_step", "stop"] = "lower_step"
+    """A non-finite loss, gradient or test metric: the epoch is undone (weights, optimizer and
+    selection state of the previous epoch restored) and either retried with every step size and
+    learning rate × ``divergence_factor`` ("lower_step") or the run stops with an error ("stop")."""
+    divergence_factor: float = _field(0.5, gt=0, lt=1)
+    """Step-size factor of a retried epoch."""
+    divergence_retries: int = _field(5, ge=1)
+    """Retries of one epoch before the run stops with an error."""
 
     def validate(self) -> None:
         """The loss must have a nonzero term."""

@@ -31,6 +31,10 @@ cutoff, members, activation, dtype). Loading:
   auto out = module.forward({numbers, positions}).toTuple();`` (append ``pairs, shifts`` for
   periodic systems); ``out->elements()[0]`` are the energies, ``[1]`` the forces.
 
+Integrity: like every torch zip file, the export stores a CRC-32 per archive member, which
+``torch.jit.load`` does not verify; ``unzip -t model.ts`` or ``zipfile.ZipFile(path).testzip()``
+does (a SHA-256 in ``metadata.json`` could not cover the file that contains it).
+
 Forces come from autograd: the module switches gradients on for its own computation (so a
 ``torch::NoGradGuard`` or ``torch.no_grad()`` around the call is fine) and back off before it
 returns, but it cannot run under ``torch::InferenceMode`` / ``torch.inference_mode()``.

@@ -5,6 +5,7 @@ Energies are compared per atom, forces per Cartesian component; reported in meV/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +45,16 @@ def member_losses(
     return total, per_structure
 
 
-def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float) -> Metrics:
-    """Metrics of every member and of the ensemble mean over the structures of ``pieces``."""
+def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float,
+             gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Metrics:
+    """Metrics of every member and of the ensemble mean over the structures of ``pieces``.
+
+    ``gather`` completes the members' predictions (M, ...) from this process's share of them
+    (distributed training, ``lmlp.distributed``).
+    """
     energies, forces = predict_all(model, pieces)
+    if gather is not None:
+        energies, forces = gather(energies), gather(forces)
     reference_e = torch.cat([p.energy for p in pieces])
     reference_f = torch.cat([p.forces for p in pieces]).double()
     n_atoms = torch.cat([p.n_atoms for p in pieces])

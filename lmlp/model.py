@@ -7,6 +7,7 @@ evaluated by one batched matmul per layer. Energies in eV, forces in eV/Å, posi
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -168,6 +169,17 @@ class HDNNPEnsemble(torch.nn.Module):
         micro_ev = torch.round(reference_energies.detach().to(torch.float64) * 1e6).to(torch.int64)
         self.reference_energies_micro_ev = torch.cat([self.reference_energies_micro_ev, micro_ev])
         return new
+
+    def member_subset(self, part: slice) -> HDNNPEnsemble:
+        """A copy holding only the members ``part`` (a process's share in distributed training;
+        add elements to the whole ensemble, not to a share)."""
+        subset = copy.deepcopy(self)
+        with torch.no_grad():
+            for param in subset.parameters():
+                param.data = param.data[part].clone()
+        subset.members = len(range(self.members)[part])
+        subset.hyperparameters = {**self.hyperparameters, "members": subset.members}
+        return subset
 
     @property
     def reference_energies(self) -> torch.Tensor:

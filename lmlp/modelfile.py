@@ -5,12 +5,15 @@ A model file is a ``torch.save`` dictionary with: ``format`` ("lmlp.model"), ``f
 (the symmetry-function parameters), ``network`` (hidden widths, activation, members, seed),
 ``elements``, ``state_dict`` (weights, standardisation, reference energies) and ``metadata``
 (free-form: per-member test RMSEs, config, data hash, ...). Writes are atomic.
+
+From ``format_version`` 2 the dictionary is stored checksummed (``lmlp.integrity``: a wrapper
+holding its ``torch.save`` bytes and their SHA-256), so a truncated or corrupted file is reported
+on load; version 1 files (the plain dictionary) still load.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,16 +21,20 @@ import torch
 import lmlp
 from lmlp.descriptors import Standardizer, SymmetryFunctions
 from lmlp.errors import LmlpError
-from lmlp.fileio import atomic_path
+from lmlp.integrity import load_checked, save_checked
 from lmlp.model import HDNNPEnsemble
 
 FORMAT = "lmlp.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 UNITS = {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
 
 
-def save_model(path: str | os.PathLike, model: HDNNPEnsemble, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``model`` and ``metadata`` to ``path`` atomically."""
+def save_model(path: str | os.PathLike, model: HDNNPEnsemble, metadata: dict[str, Any] | None = None, *,
+               keep_previous: bool = False) -> None:
+    """Write ``model`` and ``metadata`` to ``path`` atomically, checksummed.
+
+    With ``keep_previous`` an intact existing ``path`` is kept as ``<stem>.prev<suffix>``.
+    """
     content = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -40,20 +47,17 @@ def save_model(path: str | os.PathLike, model: HDNNPEnsemble, metadata: dict[str
         "state_dict": model.state_dict(),
         "metadata": metadata or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(content, tmp)
+    save_checked(content, path, keep_previous=keep_previous)
 
 
 def load_model(path: str | os.PathLike) -> tuple[HDNNPEnsemble, dict[str, Any]]:
-    """Rebuild the ensemble stored in ``path``; return it (eval mode) and its metadata."""
-    if not Path(path).is_file():
-        raise LmlpError(f"{path}: no such model file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise LmlpError(f"{path}: not a readable model file (truncated or corrupted?): "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(content, dict) or content.get("format") != FORMAT:
+    """Rebuild the ensemble stored in ``path``; return it (eval mode) and its metadata.
+
+    ``LmlpError`` (one line naming ``path``) when the file is missing, truncated, corrupted (checksum
+    mismatch), not an lmlp model file or of a newer format.
+    """
+    content = load_checked(path, "model file")
+    if content.get("format") != FORMAT:
         raise LmlpError(f"{path}: not an lmlp model file")
     if content["format_version"] > FORMAT_VERSION:
         raise LmlpError(f"{path}: model format {content['format_version']} is newer than this lmlp "

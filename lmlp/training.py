@@ -10,9 +10,10 @@ with the lowest test loss (early stopping). Energies eV, forces eV/Å; reported 
 and meV/Å.
 
 Run directory: config.yaml (resolved), run.json (versions, seeds, data hash), train.log,
-learning_curve.csv, checkpoint_last.pt (everything to resume), checkpoint_best.pt (a model file
-with the best weights so far), model.pt, metrics.json and PNG plots. Every file is written
-atomically.
+learning_curve.csv, checkpoint_last.pt (everything to resume; the one before it is kept as
+checkpoint_last.prev.pt, the fallback when the newer one is damaged), checkpoint_best.pt (a model
+file with the best weights so far), model.pt, metrics.json and PNG plots. Every file is written
+atomically; checkpoints and model files carry a SHA-256 checksum (``lmlp.integrity``).
 
 Continual learning (``continue_from``): the weights of a model file, and the optimizer and
 selection state of the ``checkpoint_last.pt`` beside it, carry over to a data set that grew.
@@ -29,7 +30,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,15 @@ import torch
 from tqdm import tqdm
 
 import lmlp
+from lmlp import distributed
 from lmlp.batch import STRUCTURES_PER_CHUNK, Batch, chunks, compute_batch, predict, predict_all
 from lmlp.config import Config, dump_config
 from lmlp.data import StructureSet, load
+from lmlp.distributed import Workers
 from lmlp.descriptors import Standardizer, SymmetryFunctions
 from lmlp.descriptors.neighbors import find_neighbors
 from lmlp.errors import LmlpError
+from lmlp.integrity import load_with_fallback, previous_path, save_checked
 from lmlp.fileio import atomic_path, atomic_write_text
 from lmlp.metrics import UNITS, Metrics, evaluate, evaluate_model, member_losses, metrics_dict
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
@@ -69,17 +75,20 @@ class TrainingResult:
 
 
 class RunLog:
-    """Messages to the terminal and to ``train.log``; a progress bar on a terminal."""
+    """Messages to the terminal and to ``train.log``; a progress bar on a terminal. ``quiet``: the
+    file only (ranks other than 0 of a distributed run, which log to ``logs/rank<r>.log``)."""
 
-    def __init__(self, path: Path, progress: bool, epochs: int, first_epoch: int) -> None:
+    def __init__(self, path: Path, progress: bool, epochs: int, first_epoch: int, quiet: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
+        self.quiet = quiet
         self.bar = tqdm(total=epochs, initial=first_epoch - 1, unit="epoch", dynamic_ncols=True,
-                        disable=not (progress and sys.stderr.isatty()))
+                        disable=quiet or not (progress and sys.stderr.isatty()))
 
     def __call__(self, message: str, echo: bool = True) -> None:
         self.file.write(message + "\n")
         self.file.flush()
-        if echo:
+        if echo and not self.quiet:
             if self.bar.disable:
                 print(message, flush=True)
             else:
@@ -153,19 +162,23 @@ def build_model(cfg: Config, train: StructureSet, batch_G: torch.Tensor, descrip
                          members=cfg.ensemble.members, seed=cfg.ensemble.seed)
 
 
-def train(cfg: Config, resume: bool = False, continue_from: str | Path | None = None) -> TrainingResult:
+def train(cfg: Config, resume: bool = False, continue_from: str | Path | None = None,
+          workers: Workers | None = None) -> TrainingResult:
     """Train the ensemble ``cfg`` describes and write the run directory.
 
     Runs with torch's deterministic algorithms (multi-threaded ``index_add_`` otherwise sums in a
     varying order), so a run is bitwise reproducible. With ``resume`` the run continues from
     ``checkpoint_last.pt`` in the run directory; as every random stream is in the checkpoint, it
     ends with the same weights as an uninterrupted one. ``continue_from`` (a model file) starts a
-    continual-learning run from a trained model (module docstring).
+    continual-learning run from a trained model (module docstring). ``workers``: the processes
+    sharing the members (``lmlp.distributed``; default: the torchrun process group if one is
+    initialised, else this process alone).
     """
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, resume, None if continue_from is None else Path(continue_from))
+        return _train(cfg, resume, None if continue_from is None else Path(continue_from),
+                      workers or distributed.current())
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -178,21 +191,27 @@ class _Carried:
     checkpoint: dict[str, Any] | None
 
 
-def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingResult:
+def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Workers) -> TrainingResult:
     """``train`` under deterministic algorithms."""
     start_time = time.perf_counter()
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
+    distributed.resolve_device(cfg.training.device, workers)
     dtype = getattr(torch, cfg.training.dtype)
+    members = cfg.ensemble.members
+    if workers.size > members:
+        raise LmlpError(f"{workers.size} processes but ensemble.members = {members}: training spreads the "
+                        f"members, so use at most {members} processes")
     data = load_training_data(cfg)
     train_set, test_set = data.split_subset("train"), data.split_subset("test")
     if len(train_set) == 0 or len(test_set) == 0:
         raise LmlpError(f"{cfg.data.path}: the train and test splits must both be non-empty")
     run_dir = cfg.run_dir
+    fallbacks: list[str] = []
     if resume:
-        saved = _load_checkpoint(run_dir / "checkpoint_last.pt")
+        saved = _load_checkpoint(run_dir / "checkpoint_last.pt", fallbacks.append)
         continue_from = Path(saved["continue_from"]) if saved.get("continue_from") else None
-    carried = _carry_over(cfg, continue_from) if continue_from is not None else None
+    carried = _carry_over(cfg, continue_from, fallbacks.append) if continue_from is not None else None
     if carried is not None:
         descriptor = carried.model.descriptor
     else:
@@ -202,84 +221,123 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None) -> TrainingRes
     monitor_pieces = _monitor(cfg, train_batch, train_pieces)
     q, w_f = cfg.training.energy_weight, cfg.training.force_weight
     if carried is None:
-        model = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
+        ensemble = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
     else:
-        model = carried.model.to(dtype)
-        known_test = _known_structures(model, test_set)
-        before = evaluate_model(model, known_test, q, w_f) if len(known_test) else {}
-        _add_new_elements(model, train_set)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_provenance(cfg, run_dir, continue_from, model)
+        ensemble = carried.model.to(dtype)
+        known_test = _known_structures(ensemble, test_set)
+        before = evaluate_model(ensemble, known_test, q, w_f) if len(known_test) else {}
+        _add_new_elements(ensemble, train_set)
+    member_keys = {name for name, _ in ensemble.named_parameters()}
+    if workers.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # left by a killed run's interrupted atomic write
+            stale.unlink()
+        _write_provenance(cfg, run_dir, continue_from, ensemble, workers)
+    workers.barrier()
     first_epoch = saved["epoch"] + 1 if resume else 1
-    log = RunLog(run_dir / "train.log", cfg.output.progress, cfg.training.epochs, first_epoch)
+    log_path = run_dir / "train.log" if workers.main else run_dir / "logs" / f"rank{workers.rank}.log"
+    log = RunLog(log_path, cfg.output.progress, cfg.training.epochs, first_epoch, quiet=not workers.main)
     try:
+        for message in fallbacks:
+            log(message)
+        if resume:
+            ensemble.load_state_dict(saved["model"])
+        model = ensemble.member_subset(workers.share(members)) if workers.size > 1 else ensemble
         if carried is not None and carried.checkpoint is not None and not resume:
-            optimizer = _carried_optimizer(cfg, model, carried.checkpoint)
+            optimizer = _carried_optimizer(cfg, model, carried.checkpoint, workers, members)
         else:
             optimizer = _optimizer(cfg, model.networks)
         selection = DataSelection(cfg.selection, len(train_set), cfg.training.seed)
         train_fingerprints = fingerprints(train_set)
-        best_loss = np.full(cfg.ensemble.members, np.inf)
-        best_epoch = np.zeros(cfg.ensemble.members, dtype=int)
+        best_loss = np.full(members, np.inf)
+        best_epoch = np.zeros(members, dtype=int)
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         rows: list[dict[str, float]] = []
         if resume:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
+            optimizer.load_state_dict(workers.local_optimizer_state(saved["optimizer"], optimizer, members))
             selection.load_state_dict(saved["selection"])
-            best_state, rows = saved["best_state"], saved["rows"]
+            best_state, rows = workers.local_state(saved["best_state"], member_keys, members), saved["rows"]
             best_loss, best_epoch = np.array(saved["best_loss"]), np.array(saved["best_epoch"])
             log(f"resumed {run_dir} after epoch {saved['epoch']}")
         elif carried is not None:
             _carry_selection(carried, selection, train_fingerprints, log)
         log(f"{len(train_set)} training and {len(test_set)} test structures from {cfg.data.path}; "
-            f"{cfg.ensemble.members} members, {descriptor.n_functions} descriptors, {cfg.optimizer.name}, "
-            f"{cfg.training.epochs} epochs of {selection.n_fit} structures", echo=False)
+            f"{members} members, {descriptor.n_functions} descriptors, {cfg.optimizer.name}, "
+            f"{cfg.training.epochs} epochs of {selection.n_fit} structures"
+            + (f"; process {workers.rank} of {workers.size} trains members "
+               f"{_members_text(workers.share(members))}" if workers.size > 1 else ""), echo=False)
+        gather = partial(workers.gather_members, total=members)
+        good = _Snapshot.take(model, optimizer, selection)
         for epoch in range(first_epoch, cfg.training.epochs + 1):
-            _fit_epoch(cfg, model, optimizer, selection, train_batch, epoch, data.split["train"], log)
-            train_m, test_m = evaluate(model, monitor_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
+            for attempt in range(cfg.training.divergence_retries + 1):
+                finite = _fit_epoch(cfg, model, optimizer, selection, train_batch, epoch, data.split["train"], log,
+                                    gather)
+                train_m = evaluate(model, monitor_pieces, q, w_f, gather)
+                test_m = evaluate(model, test_pieces, q, w_f, gather)
+                finite &= np.isfinite(train_m.loss) & np.isfinite(test_m.loss)
+                if finite.all():
+                    break
+                _diverged(cfg, epoch, attempt, finite, log)
+                good.restore(model, optimizer, selection, cfg.training.divergence_factor)
+            good = _Snapshot.take(model, optimizer, selection)
             improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
             best_loss = np.where(improved, test_m.loss, best_loss)
             best_epoch = np.where(improved, epoch, best_epoch)
-            _keep_best(model, best_state, improved)
+            _keep_best(model, best_state, improved[workers.share(members)])
             rows.append(_curve_row(epoch, train_m, test_m))
             log.epoch(test_m)
             if epoch % max(1, cfg.training.epochs // 20) == 0 or epoch == 1:
                 log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble test RMSE E {test_m.ensemble['rmse_e']:.2f} "
                     f"meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", echo=cfg.output.progress)
             if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
-                _write_curve(run_dir / "learning_curve.csv", rows, _monitored(monitor_pieces, train_pieces))
-                _save_best(model, best_state, run_dir / "checkpoint_best.pt", best_epoch, best_loss)
-                with atomic_path(run_dir / "checkpoint_last.pt") as tmp:
-                    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "optimizer_name": cfg.optimizer.name, "selection": selection.state_dict(),
-                                "fingerprints": train_fingerprints, "best_state": best_state,
-                                "best_loss": best_loss.tolist(), "best_epoch": best_epoch.tolist(), "rows": rows,
-                                "continue_from": None if continue_from is None else str(continue_from)}, tmp)
-        model.load_state_dict(best_state)
+                whole_best = workers.gather_state(best_state, member_keys, members)
+                whole_model = workers.gather_state(model.state_dict(), member_keys, members)
+                whole_optimizer = workers.gather_optimizer_state(optimizer, members)
+                if workers.main:
+                    _write_curve(run_dir / "learning_curve.csv", rows, _monitored(monitor_pieces, train_pieces))
+                    _save_best(ensemble, whole_best, run_dir / "checkpoint_best.pt", best_epoch, best_loss)
+                    save_checked({"epoch": epoch, "model": whole_model, "optimizer": whole_optimizer,
+                                  "optimizer_name": cfg.optimizer.name, "selection": selection.state_dict(),
+                                  "fingerprints": train_fingerprints, "best_state": whole_best,
+                                  "best_loss": best_loss.tolist(), "best_epoch": best_epoch.tolist(), "rows": rows,
+                                  "continue_from": None if continue_from is None else str(continue_from)},
+                                 run_dir / "checkpoint_last.pt", keep_previous=True)
+        ensemble.load_state_dict(workers.gather_state(best_state, member_keys, members))
+        model = ensemble
         train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
         continual = _continual_report(before, model, test_set, known_test, q, w_f, log) if carried else {}
         wall = time.perf_counter() - start_time
-        save_model(run_dir / "model.pt", model, {"test_rmse_e": test_m.rmse_e.tolist(),
-                                                 "test_rmse_f": test_m.rmse_f.tolist(),
-                                                 "best_epoch": best_epoch.tolist(), "config": dump_config(cfg),
-                                                 "min_pair_distance": closest_pair_distance(train_set, descriptor.cutoff)})
         result = TrainingResult(run_dir, train_m, test_m, best_epoch, wall, continual)
-        atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(result), indent=2))
-        if cfg.output.plots:
-            _write_plots(model, rows, test_pieces, run_dir)
+        if workers.main:
+            save_model(run_dir / "model.pt", model, {
+                "test_rmse_e": test_m.rmse_e.tolist(), "test_rmse_f": test_m.rmse_f.tolist(),
+                "best_epoch": best_epoch.tolist(), "config": dump_config(cfg),
+                "min_pair_distance": closest_pair_distance(train_set, descriptor.cutoff)})
+            atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(result), indent=2))
+            if cfg.output.plots:
+                _write_plots(model, rows, test_pieces, run_dir)
         log(format_table(result), echo=False)
+        workers.barrier()
         return result
     finally:
         log.close()
 
 
+def _members_text(part: slice) -> str:
+    return f"{part.start}" if part.stop - part.start == 1 else f"{part.start}–{part.stop - 1}"
+
+
 def _fit_epoch(
     cfg: Config, model: HDNNPEnsemble, optimizer: torch.optim.Optimizer, selection: DataSelection,
     train_batch: Batch, epoch: int, data_index: np.ndarray, log: RunLog,
-) -> None:
-    """Selection → optimizer step(s) → selection update from the fitted structures' losses."""
+    gather: Callable[[torch.Tensor], torch.Tensor],
+) -> np.ndarray:
+    """Selection → optimizer step(s) → selection update from the fitted structures' losses
+    (``gather`` completes the members' losses from this process's share of them).
+
+    Returns (M,) whether each member's losses and gradients stayed finite; a step with a
+    non-finite one is not taken, and the selection is not updated.
+    """
     fitted = selection.select()
     batch = train_batch.select(fitted)
     for _ in range(cfg.training.steps_per_epoch):
@@ -288,11 +346,67 @@ def _fit_epoch(
         loss, per_structure = member_losses(energies, forces, batch, cfg.training.energy_weight,
                                             cfg.training.force_weight)
         loss.sum().backward()
+        finite = gather(_finite_members(loss, model)).numpy()
+        if not finite.all():
+            return finite
         optimizer.step()
-    per_structure = per_structure.detach().mean(0)
+    per_structure = gather(per_structure.detach()).mean(0)
     for i in selection.update(fitted, per_structure, float(per_structure.mean())).tolist():
         log(f"epoch {epoch}: structure {int(data_index[i])} of {cfg.data.path} had an extreme error in "
             f"{cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)")
+    return finite
+
+
+def _finite_members(loss: torch.Tensor, model: HDNNPEnsemble) -> torch.Tensor:
+    """(m,) whether each member's loss and every gradient entry are finite."""
+    finite = torch.isfinite(loss.detach())
+    for param in model.parameters():
+        if param.grad is not None:
+            finite &= torch.isfinite(param.grad).flatten(1).all(1)
+    return finite
+
+
+def _diverged(cfg: Config, epoch: int, attempt: int, finite: np.ndarray, log: RunLog) -> None:
+    """Report a diverged epoch; ``LmlpError`` when the config says stop or the retries are used up."""
+    t = cfg.training
+    what = (f"epoch {epoch}: non-finite loss, gradient or test error in member(s) "
+            f"{', '.join(map(str, np.flatnonzero(~finite)))}")
+    if t.on_divergence == "stop" or attempt == t.divergence_retries:
+        tried = "" if t.on_divergence == "stop" else f" after {attempt} step-size reductions"
+        raise LmlpError(f"{what}{tried}: training diverged (the last checkpoint holds the state of an earlier "
+                        f"epoch; lower optimizer.lr or change training.on_divergence)")
+    log(f"{what}: epoch undone, retried with step sizes × {t.divergence_factor:g} "
+        f"(retry {attempt + 1} of {t.divergence_retries})")
+
+
+@dataclass
+class _Snapshot:
+    """Weights, optimizer state and selection state after the last good epoch (divergence guard)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    selection: dict[str, Any]
+
+    @classmethod
+    def take(cls, model: HDNNPEnsemble, optimizer: torch.optim.Optimizer, selection: DataSelection) -> _Snapshot:
+        return cls({k: v.detach().clone() for k, v in model.state_dict().items()},
+                   copy.deepcopy(optimizer.state_dict()), selection.state_dict())
+
+    def restore(self, model: HDNNPEnsemble, optimizer: torch.optim.Optimizer, selection: DataSelection,
+                factor: float) -> None:
+        """Put the snapshot back with every learning rate and step size (and step-size bound)
+        × ``factor``; the snapshot itself takes the lowered values, for further retries."""
+        for group in self.optimizer["param_groups"]:
+            group["lr"] *= factor
+            if "step_sizes" in group:
+                low, high = group["step_sizes"]
+                group["step_sizes"] = (min(low, high * factor), high * factor)
+        for state in self.optimizer["state"].values():
+            if "step_size" in state:
+                state["step_size"] = state["step_size"] * factor
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        selection.load_state_dict(self.selection)
 
 
 def _monitored(monitor_pieces: list[Batch], train_pieces: list[Batch]) -> str:
@@ -311,8 +425,9 @@ def _monitor(cfg: Config, train_batch: Batch, train_pieces: list[Batch]) -> list
     return chunks(train_batch.select(torch.sort(torch.randperm(n, generator=generator)[:size]).values))
 
 
-def _carry_over(cfg: Config, path: Path) -> _Carried:
-    """The model of ``path`` and the ``checkpoint_last.pt`` beside it (if any), checked against ``cfg``."""
+def _carry_over(cfg: Config, path: Path, warn: Callable[[str], None]) -> _Carried:
+    """The model of ``path`` and the ``checkpoint_last.pt`` beside it (if any), checked against ``cfg``
+    (``warn`` is told of a fallback to the previous checkpoint)."""
     model, _ = load_model(path)
     h = model.hyperparameters
     wanted = {"hidden": list(cfg.model.hidden), "activation": cfg.model.activation, "members": cfg.ensemble.members}
@@ -325,7 +440,7 @@ def _carry_over(cfg: Config, path: Path) -> _Carried:
         raise LmlpError(f"{path}: the config's descriptor section differs from the model's; a continued "
                         f"run keeps the model's descriptor")
     checkpoint_path = path.parent / "checkpoint_last.pt"
-    return _Carried(model, _load_checkpoint(checkpoint_path) if checkpoint_path.is_file() else None)
+    return _Carried(model, _load_checkpoint(checkpoint_path, warn) if checkpoint_path.is_file() else None)
 
 
 def _add_new_elements(model: HDNNPEnsemble, train_set: StructureSet) -> None:
@@ -337,16 +452,17 @@ def _add_new_elements(model: HDNNPEnsemble, train_set: StructureSet) -> None:
         model.add_elements(new, torch.from_numpy(e_ref))
 
 
-def _carried_optimizer(cfg: Config, model: HDNNPEnsemble, saved: dict[str, Any]) -> torch.optim.Optimizer:
+def _carried_optimizer(cfg: Config, model: HDNNPEnsemble, saved: dict[str, Any], workers: Workers,
+                       members: int) -> torch.optim.Optimizer:
     """The optimizer with the earlier run's state for the known element networks (this config's
-    hyperparameters) and fresh groups for new elements."""
+    hyperparameters) and fresh groups for new elements; ``model`` holds this process's members."""
     if saved["optimizer_name"] != cfg.optimizer.name:
         raise LmlpError(f"the earlier run used the {saved['optimizer_name']} optimizer, this config "
                         f"{cfg.optimizer.name}; its state cannot carry over")
     n_known = len(saved["optimizer"]["param_groups"])
     optimizer = _optimizer(cfg, model.networks[:n_known])
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.load_state_dict(workers.local_optimizer_state(saved["optimizer"], optimizer, members))
     for group, fresh in zip(optimizer.param_groups, settings):
         group.update(fresh)
     for group in _optimizer_groups(cfg, model.networks[n_known:]):
@@ -419,14 +535,12 @@ def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces
                 torch.cat([p.forces for p in test_pieces]).double().numpy(), run_dir / "parity_test.png")
 
 
-def _load_checkpoint(path: Path) -> dict:
-    """The training state saved in ``path``; ``LmlpError`` when it is missing or unreadable."""
-    if not path.is_file():
+def _load_checkpoint(path: Path, warn: Callable[[str], None]) -> dict:
+    """The training state saved in ``path``, or in the previous checkpoint kept beside it when
+    ``path`` is damaged (``warn`` is told); ``LmlpError`` when neither is readable."""
+    if not path.is_file() and not previous_path(path).is_file():
         raise LmlpError(f"{path}: no checkpoint to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise LmlpError(f"{path}: unreadable checkpoint (truncated or corrupted?): {type(exc).__name__}") from None
+    return load_with_fallback(path, "checkpoint", warn)[0]
 
 
 def _optimizer(cfg: Config, networks: torch.nn.ModuleList) -> torch.optim.Optimizer:
@@ -473,9 +587,10 @@ def _metrics_json(result: TrainingResult) -> dict:
             **({"continual": result.continual} if result.continual else {})}
 
 
-def _write_provenance(cfg: Config, run_dir: Path, continue_from: Path | None, model: HDNNPEnsemble) -> None:
-    """Resolved config, seeds, versions, the data file's hash, the initial weights' hash and the
-    model continued from."""
+def _write_provenance(cfg: Config, run_dir: Path, continue_from: Path | None, model: HDNNPEnsemble,
+                      workers: Workers) -> None:
+    """Resolved config, seeds, versions, the data file's hash, the initial weights' hash, the
+    model continued from and the number of processes."""
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     digest = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
     info = {"lmlp": lmlp.__version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -483,7 +598,7 @@ def _write_provenance(cfg: Config, run_dir: Path, continue_from: Path | None, mo
             "seeds": {"ensemble": cfg.ensemble.seed, "training": cfg.training.seed},
             "data": {"path": cfg.data.path, "sha256": digest},
             "continued_from": None if continue_from is None else str(continue_from),
-            "initial_weights_sha256": _weights_digest(model)}
+            "initial_weights_sha256": _weights_digest(model), "processes": workers.size}
     atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2))
 
 

@@ -10,6 +10,7 @@ from factories import TINY
 
 from lmlp.config import config_from_dict
 from lmlp.data import read_structures
+from lmlp.integrity import load_checked
 from lmlp.modelfile import load_model
 from lmlp.batch import chunks, compute_batch
 from lmlp.metrics import evaluate
@@ -95,7 +96,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(training, "_curve_row", original)
-    assert torch.load(tmp_path / "cut" / "checkpoint_last.pt")["epoch"] == 8
+    assert load_checked(tmp_path / "cut" / "checkpoint_last.pt", "checkpoint")["epoch"] == 8
     resumed = train(cfg, resume=True)
     a, _ = load_model(whole.run_dir / "model.pt")
     b, _ = load_model(resumed.run_dir / "model.pt")
@@ -243,3 +244,140 @@ def test_model_file_records_the_closest_training_pair(run):
     expected = float((positions[pairs[1]] - positions[pairs[0]]).norm(dim=1).min())
     assert metadata["min_pair_distance"] == pytest.approx(expected, rel=1e-12)
     assert closest_pair_distance(train_set, 0.1) == 0.1
+
+
+def run_directory_is_complete(run_dir):
+    """Every file of a run directory parses; only hidden temporary files may be partial."""
+    for path in run_dir.rglob("*"):
+        if path.is_dir() or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            continue
+        if path.suffix == ".pt":
+            load_checked(path, "file")
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            rows = list(csv.DictReader(line for line in path.read_text().splitlines() if not line.startswith("#")))
+            assert all(None not in row.values() for row in rows), path
+        elif path.suffix == ".png":
+            assert path.read_bytes()[-8:] == b"IEND\xaeB`\x82", path  # the closing IEND chunk
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
+    import random
+    import signal
+    import time
+
+    import yaml
+
+    whole = train(tiny_config(tmp_path / "whole", epochs=40, checkpoint_every=3))
+    cfg_path = tmp_path / "c.yaml"
+    cfg = yaml.safe_load((whole.run_dir / "config.yaml").read_text())
+    cfg["output"]["run_dir"] = str(tmp_path / "killed")
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    rng, kills, log = random.Random(7), 0, tmp_path / "killed" / "train.log"
+    command = [sys.executable, "-m", "lmlp", "train", str(cfg_path)]
+    for _ in range(20):
+        logged = log.stat().st_size if log.is_file() else 0
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while (log.stat().st_size if log.is_file() else 0) == logged and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if process.poll() is not None:
+            assert process.returncode == 0, process.stderr.read()
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        run_directory_is_complete(tmp_path / "killed")
+        resumable = (tmp_path / "killed" / "checkpoint_last.pt").is_file()
+        command = [sys.executable, "-m", "lmlp", "train", *(["--resume", str(tmp_path / "killed")] if resumable
+                                                              else [str(cfg_path)])]
+    assert kills >= 2
+    assert not list((tmp_path / "killed").glob(".*.tmp"))
+    a, _ = load_model(whole.run_dir / "model.pt")
+    b, _ = load_model(tmp_path / "killed" / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    assert (whole.run_dir / "learning_curve.csv").read_text() == (tmp_path / "killed" / "learning_curve.csv").read_text()
+
+
+def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+    import lmlp.training as training
+
+    whole = train(tiny_config(tmp_path / "whole", epochs=12, checkpoint_every=4))
+    original = training._curve_row
+
+    def crash(epoch, *args):
+        if epoch == 10:
+            raise KeyboardInterrupt
+        return original(epoch, *args)
+
+    cfg = tiny_config(tmp_path / "cut", epochs=12, checkpoint_every=4)
+    monkeypatch.setattr(training, "_curve_row", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(training, "_curve_row", original)
+    last = tmp_path / "cut" / "checkpoint_last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    resumed = train(cfg, resume=True)
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert "checksum mismatch" in log and "falling back to" in log and "resumed" in log and "after epoch 4" in log
+    a, _ = load_model(whole.run_dir / "model.pt")
+    b, _ = load_model(resumed.run_dir / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def nan_once(monkeypatch, at_call):
+    """Make ``member_losses`` return a NaN loss on its ``at_call``-th call (a transient fault)."""
+    import lmlp.training as training
+
+    original, calls = training.member_losses, [0]
+
+    def flaky(*args):
+        calls[0] += 1
+        loss, per_structure = original(*args)
+        return (loss * float("nan"), per_structure) if calls[0] == at_call else (loss, per_structure)
+
+    monkeypatch.setattr(training, "member_losses", flaky)
+
+
+def test_a_non_finite_loss_is_undone_and_retried_with_lower_step_sizes(tmp_path, monkeypatch):
+    from lmlp.optim.registry import S0
+
+    nan_once(monkeypatch, at_call=5)
+    result = train(tiny_config(tmp_path / "run", epochs=10, checkpoint_every=10))
+    log = (result.run_dir / "train.log").read_text()
+    assert "epoch 5: non-finite loss, gradient or test error in member(s) 0, 1, 2: epoch undone, retried with " \
+           "step sizes × 0.5 (retry 1 of 5)" in log
+    saved = load_checked(result.run_dir / "checkpoint_last.pt", "checkpoint")
+    groups = saved["optimizer"]["param_groups"]
+    assert all(g["lr"] == pytest.approx(0.5 * S0) for g in groups)  # CoRe's initial step size
+    assert all(g["step_sizes"][1] == pytest.approx(0.5 * 0.01) for g in groups)  # its maximum, the config's lr
+    assert len(saved["rows"]) == 10 and result.test.ensemble["rmse_e"] < np.inf
+    model, _ = load_model(result.run_dir / "model.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_divergence_stops_with_one_line_when_configured(tmp_path, monkeypatch):
+    from lmlp.errors import LmlpError
+
+    nan_once(monkeypatch, at_call=3)
+    with pytest.raises(LmlpError, match=r"^epoch 3: non-finite [^\n]*training diverged[^\n]*$"):
+        train(tiny_config(tmp_path / "run", epochs=10, on_divergence="stop"))
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_hopeless_divergence_ends_with_an_error_and_no_nan_files(tmp_path):
+    from lmlp.errors import LmlpError
+
+    cfg = tiny_config(tmp_path / "run", epochs=30, checkpoint_every=1)
+    cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.params = "sgd", 100.0, {}
+    with pytest.raises(LmlpError, match=r"after 5 step-size reductions: training diverged"):
+        train(cfg)
+    saved = load_checked(tmp_path / "run" / "checkpoint_last.pt", "checkpoint")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
