@@ -20,7 +20,7 @@ import torch
 
 from lmlp.config import config_from_dict
 from lmlp.data import read_structures
-from lmlp.descriptors import SymmetryFunctions
+from lmlp.descriptors import Standardizer, SymmetryFunctions
 from lmlp.optim import build_optimizer
 from lmlp.selection import DataSelection
 from lmlp.batch import chunks, compute_batch, predict
@@ -46,7 +46,7 @@ def main() -> None:
     cache_time = time.perf_counter() - start
     sample = torch.sort(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1))[:1000]).values
     sample_pieces = chunks(train_batch.select(sample))
-    model = build_model(cfg, train_set, train_batch.G, descriptor).float()
+    model = build_model(cfg, train_set, Standardizer.fit(train_batch.G.double()), descriptor).float()
     groups = [{"params": list(network.parameters()), "member_dim": 0} for network in model.networks]
     optimizer = build_optimizer("core", groups, 1e-2)
     selection = DataSelection(cfg.selection, len(train_set), 0)
@@ -66,7 +66,7 @@ def main() -> None:
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     single = config_from_dict({"ensemble": {"members": 1}, "data": {"path": args.data}})
-    singles = [build_model(single, train_set, train_batch.G, descriptor).float() for _ in range(args.members)]
+    singles = [build_model(single, train_set, Standardizer.fit(train_batch.G.double()), descriptor).float() for _ in range(args.members)]
     single_optimizers = [build_optimizer("core", list(m.parameters()), 1e-2) for m in singles]
 
     def naive_epoch() -> float:

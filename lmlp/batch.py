@@ -61,6 +61,22 @@ class Batch:
         )
 
 
+    @staticmethod
+    def cat(pieces: list[Batch]) -> Batch:
+        """The structures of ``pieces`` in one batch (derivatives padded to the widest)."""
+        if len(pieces) == 1:
+            return pieces[0]
+        atom_starts = np.cumsum([0] + [len(p.numbers) for p in pieces[:-1]]).tolist()
+        return Batch(
+            numbers=torch.cat([p.numbers for p in pieces]),
+            offsets=torch.cat([torch.zeros(1, dtype=torch.int64)] + [p.offsets[1:] + a for p, a in zip(pieces, atom_starts)]),
+            G=torch.cat([p.G for p in pieces]),
+            derivatives=CentreDerivatives.cat([p.derivatives for p in pieces], atom_starts),
+            energy=torch.cat([p.energy for p in pieces]),
+            forces=torch.cat([p.forces for p in pieces]),
+        )
+
+
 def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> Batch:
     """Descriptors and derivatives of every structure of ``s``, computed once in chunks."""
     G_parts, derivative_parts, starts = [], [], []

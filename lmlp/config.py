@@ -228,6 +228,10 @@ class TrainingConfig:
     """Torch device; "auto" uses CUDA when available."""
     threads: int = _field(0, ge=0)
     """Torch CPU threads (0: torch default)."""
+    descriptor_cache: Literal["memory", "disk"] = "memory"
+    """Where the descriptors and their derivatives live: "memory" (fastest), or "disk" for data
+    larger than memory (HDF5 files in the run directory, read per epoch for the selected
+    structures in blocks; memory stays bounded, see ``lmlp.cache``)."""
     on_divergence: Literal["lower_step", "stop"] = "lower_step"
     """A non-finite loss, gradient or test metric: the epoch is undone (weights, optimizer and
     selection state of the previous epoch restored) and either retried with every step size and

@@ -5,13 +5,13 @@ Energies are compared per atom, forces per Cartesian component; reported in meV/
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lmlp.batch import Batch, chunks, compute_batch, predict_all
+from lmlp.batch import Batch, chunks, compute_batch, predict
 from lmlp.data import StructureSet
 from lmlp.model import HDNNPEnsemble
 
@@ -33,31 +33,47 @@ class Metrics:
 
 
 def member_losses(
-    energies: torch.Tensor, forces: torch.Tensor, batch: Batch, q: float, w_f: float
+    energies: torch.Tensor, forces: torch.Tensor, batch: Batch, q: float, w_f: float,
+    totals: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss per member (M,) and loss per member and structure (M, S) (spec §4)."""
+    """Loss per member (M,) and loss per member and structure (M, S) (spec §4).
+
+    ``totals`` (structures, atoms): ``batch`` is one piece of a larger set, and the loss is this
+    piece's share of the set's loss (the pieces' losses add up to it).
+    """
     n = batch.n_atoms.to(forces.dtype)
     de = ((energies - batch.energy) / batch.n_atoms).to(forces.dtype)  # difference in float64
     df2 = ((forces - batch.forces) ** 2).sum(-1)
     per_structure_f = torch.zeros_like(de).index_add_(1, batch.structure_of_atom, df2) / (3 * n)
     per_structure = q**2 * de**2 + w_f * per_structure_f
-    total = q**2 * (de**2).mean(1) + w_f * df2.sum(1) / (3 * len(batch.numbers))
+    if totals is None:
+        total = q**2 * (de**2).mean(1) + w_f * df2.sum(1) / (3 * len(batch.numbers))
+    else:
+        total = q**2 * (de**2).sum(1) / totals[0] + w_f * df2.sum(1) / (3 * totals[1])
     return total, per_structure
 
 
-def evaluate(model: HDNNPEnsemble, pieces: list[Batch], q: float, w_f: float,
+def evaluate(model: HDNNPEnsemble, pieces: Iterable[Batch], q: float, w_f: float,
              gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Metrics:
-    """Metrics of every member and of the ensemble mean over the structures of ``pieces``.
+    """Metrics of every member and of the ensemble mean over the structures of ``pieces``
+    (read once: they may come from disk, ``lmlp.cache``).
 
     ``gather`` completes the members' predictions (M, ...) from this process's share of them
     (distributed training, ``lmlp.distributed``).
     """
-    energies, forces = predict_all(model, pieces)
+    predictions, reference_e, reference_f, n_atoms = [], [], [], []
+    with torch.no_grad():
+        for piece in pieces:
+            predictions.append(predict(model, piece))
+            reference_e.append(piece.energy)
+            reference_f.append(piece.forces)
+            n_atoms.append(piece.n_atoms)
+    energies = torch.cat([e.double() for e, _ in predictions], 1)
+    forces = torch.cat([f.double() for _, f in predictions], 1)
     if gather is not None:
         energies, forces = gather(energies), gather(forces)
-    reference_e = torch.cat([p.energy for p in pieces])
-    reference_f = torch.cat([p.forces for p in pieces]).double()
-    n_atoms = torch.cat([p.n_atoms for p in pieces])
+    reference_e, n_atoms = torch.cat(reference_e), torch.cat(n_atoms)
+    reference_f = torch.cat(reference_f).double()
     de = (energies - reference_e) / n_atoms * 1000.0
     df = (forces - reference_f).flatten(1) * 1000.0
     de_ens, df_ens = (energies.mean(0) - reference_e) / n_atoms * 1000.0, df.reshape(*forces.shape).mean(0).flatten()

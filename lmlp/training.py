@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import lmlp
 from lmlp import distributed
-from lmlp.batch import STRUCTURES_PER_CHUNK, Batch, chunks, compute_batch, predict, predict_all
+from lmlp.batch import STRUCTURES_PER_CHUNK, Batch, compute_batch, predict, predict_all
+from lmlp.cache import DiskCache, MemoryCache
 from lmlp.config import Config, dump_config
 from lmlp.data import StructureSet, load
 from lmlp.distributed import Workers
@@ -153,11 +154,13 @@ def closest_pair_distance(s: StructureSet, cutoff: float) -> float:
     return closest
 
 
-def build_model(cfg: Config, train: StructureSet, batch_G: torch.Tensor, descriptor: SymmetryFunctions) -> HDNNPEnsemble:
-    """A new ensemble with standardisation and reference energies fitted on the training set."""
+def build_model(cfg: Config, train: StructureSet, standardizer: Standardizer,
+                descriptor: SymmetryFunctions) -> HDNNPEnsemble:
+    """A new ensemble with reference energies fitted on the training set and its descriptor
+    ``standardizer``."""
     elements = sorted(set(train.numbers.tolist()))
     e_ref = torch.from_numpy(fit_reference_energies(train.numbers, train.offsets, train.energy, elements))
-    return HDNNPEnsemble(descriptor, Standardizer.fit(batch_G.double()), elements, e_ref,
+    return HDNNPEnsemble(descriptor, standardizer, elements, e_ref,
                          hidden=cfg.model.hidden, activation=cfg.model.activation,
                          members=cfg.ensemble.members, seed=cfg.ensemble.seed)
 
@@ -216,12 +219,11 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         descriptor = carried.model.descriptor
     else:
         descriptor = SymmetryFunctions.from_config(cfg.descriptor, sorted(set(data.numbers.tolist())))
-    train_batch, test_batch = compute_batch(train_set, descriptor, dtype), compute_batch(test_set, descriptor, dtype)
-    train_pieces, test_pieces = chunks(train_batch), chunks(test_batch)
-    monitor_pieces = _monitor(cfg, train_batch, train_pieces)
+    train_cache, test_cache = _caches(cfg, train_set, test_set, descriptor, dtype, workers)
+    monitor = _monitor(cfg, train_cache)
     q, w_f = cfg.training.energy_weight, cfg.training.force_weight
     if carried is None:
-        ensemble = build_model(cfg, train_set, train_batch.G, descriptor).to(dtype)
+        ensemble = build_model(cfg, train_set, train_cache.standardizer(), descriptor).to(dtype)
     else:
         ensemble = carried.model.to(dtype)
         known_test = _known_structures(ensemble, test_set)
@@ -270,10 +272,10 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         good = _Snapshot.take(model, optimizer, selection)
         for epoch in range(first_epoch, cfg.training.epochs + 1):
             for attempt in range(cfg.training.divergence_retries + 1):
-                finite = _fit_epoch(cfg, model, optimizer, selection, train_batch, epoch, data.split["train"], log,
+                finite = _fit_epoch(cfg, model, optimizer, selection, train_cache, epoch, data.split["train"], log,
                                     gather)
-                train_m = evaluate(model, monitor_pieces, q, w_f, gather)
-                test_m = evaluate(model, test_pieces, q, w_f, gather)
+                train_m = evaluate(model, monitor, q, w_f, gather)
+                test_m = evaluate(model, test_cache, q, w_f, gather)
                 finite &= np.isfinite(train_m.loss) & np.isfinite(test_m.loss)
                 if finite.all():
                     break
@@ -294,7 +296,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
                 whole_model = workers.gather_state(model.state_dict(), member_keys, members)
                 whole_optimizer = workers.gather_optimizer_state(optimizer, members)
                 if workers.main:
-                    _write_curve(run_dir / "learning_curve.csv", rows, _monitored(monitor_pieces, train_pieces))
+                    _write_curve(run_dir / "learning_curve.csv", rows, _monitored(monitor, train_cache))
                     _save_best(ensemble, whole_best, run_dir / "checkpoint_best.pt", best_epoch, best_loss)
                     save_checked({"epoch": epoch, "model": whole_model, "optimizer": whole_optimizer,
                                   "optimizer_name": cfg.optimizer.name, "selection": selection.state_dict(),
@@ -304,7 +306,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
                                  run_dir / "checkpoint_last.pt", keep_previous=True)
         ensemble.load_state_dict(workers.gather_state(best_state, member_keys, members))
         model = ensemble
-        train_m, test_m = evaluate(model, train_pieces, q, w_f), evaluate(model, test_pieces, q, w_f)
+        train_m, test_m = evaluate(model, train_cache, q, w_f), evaluate(model, test_cache, q, w_f)
         continual = _continual_report(before, model, test_set, known_test, q, w_f, log) if carried else {}
         wall = time.perf_counter() - start_time
         result = TrainingResult(run_dir, train_m, test_m, best_epoch, wall, continual)
@@ -315,12 +317,32 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
                 "min_pair_distance": closest_pair_distance(train_set, descriptor.cutoff)})
             atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(result), indent=2))
             if cfg.output.plots:
-                _write_plots(model, rows, test_pieces, run_dir)
+                _write_plots(model, rows, list(test_cache), run_dir)
         log(format_table(result), echo=False)
         workers.barrier()
         return result
     finally:
         log.close()
+        for cache in (train_cache, test_cache):
+            if isinstance(cache, DiskCache):
+                cache.close()
+
+
+def _caches(cfg: Config, train_set: StructureSet, test_set: StructureSet, descriptor: SymmetryFunctions,
+            dtype: torch.dtype, workers: Workers) -> tuple[MemoryCache | DiskCache, MemoryCache | DiskCache]:
+    """The training and test descriptor caches ``training.descriptor_cache`` asks for; on disk,
+    process 0 computes the files (or finds them from an earlier start) and the others wait."""
+    if cfg.training.descriptor_cache == "memory":
+        return (MemoryCache(compute_batch(train_set, descriptor, dtype)),
+                MemoryCache(compute_batch(test_set, descriptor, dtype)))
+    paths = {split: cfg.run_dir / f"descriptors_{split}.h5" for split in ("train", "test")}
+    if workers.main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        for split, s in (("train", train_set), ("test", test_set)):
+            DiskCache.open(paths[split], s, descriptor, dtype).close()
+    workers.barrier()
+    return (DiskCache.open(paths["train"], train_set, descriptor, dtype),
+            DiskCache.open(paths["test"], test_set, descriptor, dtype))
 
 
 def _members_text(part: slice) -> str:
@@ -329,7 +351,7 @@ def _members_text(part: slice) -> str:
 
 def _fit_epoch(
     cfg: Config, model: HDNNPEnsemble, optimizer: torch.optim.Optimizer, selection: DataSelection,
-    train_batch: Batch, epoch: int, data_index: np.ndarray, log: RunLog,
+    cache: MemoryCache | DiskCache, epoch: int, data_index: np.ndarray, log: RunLog,
     gather: Callable[[torch.Tensor], torch.Tensor],
 ) -> np.ndarray:
     """Selection → optimizer step(s) → selection update from the fitted structures' losses
@@ -339,18 +361,23 @@ def _fit_epoch(
     non-finite one is not taken, and the selection is not updated.
     """
     fitted = selection.select()
-    batch = train_batch.select(fitted)
+    in_memory = isinstance(cache, MemoryCache)
+    kept = list(cache.select(fitted)) if in_memory else None
+    totals = None if in_memory else (len(fitted), int((cache.offsets[fitted + 1] - cache.offsets[fitted]).sum()))
     for _ in range(cfg.training.steps_per_epoch):
         optimizer.zero_grad(set_to_none=True)
-        energies, forces = predict(model, batch)
-        loss, per_structure = member_losses(energies, forces, batch, cfg.training.energy_weight,
-                                            cfg.training.force_weight)
-        loss.sum().backward()
+        loss, parts = 0.0, []
+        for batch in kept or cache.select(fitted):  # pieces of the disk cache: gradients accumulate
+            energies, forces = predict(model, batch)
+            piece_loss, per_structure = member_losses(energies, forces, batch, cfg.training.energy_weight,
+                                                      cfg.training.force_weight, totals)
+            piece_loss.sum().backward()
+            loss, parts = loss + piece_loss.detach(), [*parts, per_structure.detach()]
         finite = gather(_finite_members(loss, model)).numpy()
         if not finite.all():
             return finite
         optimizer.step()
-    per_structure = gather(per_structure.detach()).mean(0)
+    per_structure = gather(torch.cat(parts, 1)).mean(0)
     for i in selection.update(fitted, per_structure, float(per_structure.mean())).tolist():
         log(f"epoch {epoch}: structure {int(data_index[i])} of {cfg.data.path} had an extreme error in "
             f"{cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)")
@@ -409,20 +436,20 @@ class _Snapshot:
         selection.load_state_dict(self.selection)
 
 
-def _monitored(monitor_pieces: list[Batch], train_pieces: list[Batch]) -> str:
+def _monitored(monitor: MemoryCache | DiskCache, train: MemoryCache | DiskCache) -> str:
     """What the per-epoch training metrics cover, for the learning-curve header."""
-    n = sum(len(p.energy) for p in monitor_pieces)
-    total = sum(len(p.energy) for p in train_pieces)
+    n, total = len(monitor), len(train)
     return f"all {total} training structures" if n == total else f"a fixed random sample of {n} of {total} training structures"
 
 
-def _monitor(cfg: Config, train_batch: Batch, train_pieces: list[Batch]) -> list[Batch]:
-    """The training structures of the per-epoch metrics: all, or a fixed random sample."""
-    n, size = len(train_batch.energy), cfg.training.train_metrics_sample
+def _monitor(cfg: Config, train: MemoryCache | DiskCache) -> MemoryCache | DiskCache:
+    """The training structures of the per-epoch metrics: all, or a fixed random sample (in memory)."""
+    n, size = len(train), cfg.training.train_metrics_sample
     if size is None or size >= n:
-        return train_pieces
+        return train
     generator = torch.Generator().manual_seed(cfg.training.seed + 1)
-    return chunks(train_batch.select(torch.sort(torch.randperm(n, generator=generator)[:size]).values))
+    sample = torch.sort(torch.randperm(n, generator=generator)[:size]).values
+    return MemoryCache(Batch.cat(list(train.select(sample))))
 
 
 def _carry_over(cfg: Config, path: Path, warn: Callable[[str], None]) -> _Carried:
