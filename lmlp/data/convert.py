@@ -22,6 +22,7 @@ from lmlp.errors import DataError
 from lmlp.fileio import atomic_path
 
 H5_SUFFIXES = {".h5", ".hdf5"}
+XYZ_SUFFIXES = {".xyz", ".extxyz"}
 
 
 def read_ase(path: str | os.PathLike, default_charge: int = 0, fmt: str | None = None) -> StructureSet:
@@ -42,6 +43,8 @@ def read_images(path: str | os.PathLike, index: int | str = ":", fmt: str | None
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     what = "it" if isinstance(index, str) else f"structure {index}"
+    if fmt == "extxyz" or fmt is None and Path(path).suffix.lower() in XYZ_SUFFIXES:
+        _check_xyz_frame_sizes(path)
     try:
         images = ase.io.read(path, index=index, format=fmt)
     except Exception as exc:  # ASE's parsers raise many types; the message is what matters
@@ -51,6 +54,28 @@ def read_images(path: str | os.PathLike, index: int | str = ":", fmt: str | None
     if not images:
         raise DataError(f"{path}: no structures in the file")
     return images
+
+
+def _check_xyz_frame_sizes(path: str | os.PathLike) -> None:
+    """Raise ``DataError`` if an (ext)xyz frame declares < 0 atoms or more than the file has lines.
+
+    ASE skips a frame's declared number of lines one call at a time, so a corrupted count such as
+    10**20 would make it loop practically forever. Other errors are left to ASE.
+    """
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = fh.read().split("\n")  # the line breaks of readline, unlike str.splitlines
+    i = 0
+    while i < len(lines) and lines[i].strip():
+        try:
+            natoms = int(lines[i])
+        except ValueError:
+            return
+        if not 0 <= natoms <= len(lines):
+            raise DataError(f"{path}: line {i + 1}: a frame of {natoms} atoms cannot fit in a file "
+                            f"of {len(lines)} lines")
+        i += natoms + 2
+        while i < len(lines) and lines[i].lstrip().startswith("VEC"):
+            i += 1
 
 
 def write_extxyz(path: str | os.PathLike, s: StructureSet) -> None:

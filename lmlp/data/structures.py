@@ -6,6 +6,7 @@ rows ``offsets[i]:offsets[i+1]`` of every per-atom array. Units: Å, eV, eV/Å, 
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -132,39 +133,72 @@ class StructureSet:
         ``atoms.info["split"]`` when every image has one. ``source`` names the input in errors.
         """
         where = f"{source}: " if source else ""
-        energies, forces = [], []
+        energies, forces, charges = [], [], []
         for i, atoms in enumerate(images):
-            results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
-            if "energy" not in results:
-                raise DataError(f"{where}structure {i}: missing energy")
-            if "forces" not in results:
-                raise DataError(f"{where}structure {i}: missing forces")
-            energies.append(float(results["energy"]))
-            forces.append(np.asarray(results["forces"], dtype=np.float64))
-            if forces[-1].shape != (len(atoms), 3):
-                raise DataError(
-                    f"{where}structure {i}: forces have shape {forces[-1].shape}, "
-                    f"expected ({len(atoms)}, 3)"
-                )
+            energy, frc = _energy_and_forces(atoms, f"{where}structure {i}")
+            energies.append(energy)
+            forces.append(frc)
+            charges.append(_charge(atoms.info.get("charge", default_charge), f"{where}structure {i}"))
         counts = [len(a) for a in images]
         periodic = any(a.pbc.any() for a in images)
         splits = [a.info.get("split") for a in images]
         split = {}
         if images and all(s is not None for s in splits):
+            for i, name in enumerate(splits):
+                _check_split_name(name, f"{where}structure {i}")
             names = np.asarray(splits, dtype=object)
-            split = {str(s): np.flatnonzero(names == s) for s in dict.fromkeys(splits)}
+            split = {s: np.flatnonzero(names == s) for s in dict.fromkeys(splits)}
         return cls(
             numbers=np.concatenate([a.numbers for a in images]) if images else np.zeros(0),
             positions=np.concatenate([a.positions for a in images]) if images else np.zeros((0, 3)),
             forces=np.concatenate(forces) if images else np.zeros((0, 3)),
             offsets=np.concatenate([[0], np.cumsum(counts)]),
             energy=np.asarray(energies),
-            charge=np.asarray([int(a.info.get("charge", default_charge)) for a in images]),
+            charge=np.asarray(charges, dtype=np.int64),
             label=np.asarray([str(a.info.get("label", a.get_chemical_formula())) for a in images]),
             cell=np.stack([a.cell.array for a in images]) if periodic else None,
             pbc=np.stack([a.pbc for a in images]) if periodic else None,
             split=split,
         )
+
+
+_INT16 = np.iinfo(np.int16)
+"""Range of the charges the HDF5 layout stores."""
+
+
+def _energy_and_forces(atoms: Atoms, where: str) -> tuple[float, np.ndarray]:
+    """Energy (eV) and (n, 3) forces (eV/Å) of ``atoms``' calculator; ``DataError`` unless numbers."""
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    for name in ("energy", "forces"):
+        if name not in results:
+            raise DataError(f"{where}: missing {name}")
+    energy = np.asarray(results["energy"])
+    if energy.shape != () or energy.dtype.kind not in "iuf":
+        raise DataError(f"{where}: energy {reprlib.repr(results['energy'])} is not a number")
+    forces = np.asarray(results["forces"])
+    if forces.dtype.kind not in "iuf":
+        raise DataError(f"{where}: forces are not numbers")
+    if forces.shape != (len(atoms), 3):
+        raise DataError(f"{where}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)")
+    return float(energy), forces.astype(np.float64)
+
+
+def _charge(value: object, where: str) -> int:
+    """``value`` as a charge in e: a whole number that fits the file format (int16); else ``DataError``."""
+    number = np.asarray(value)
+    whole = number.shape == () and (
+        number.dtype.kind in "iu" or number.dtype.kind == "f" and float(number).is_integer()
+    )
+    if not whole or not _INT16.min <= int(number) <= _INT16.max:
+        raise DataError(f"{where}: charge {reprlib.repr(value)} is not an integer between "
+                        f"{_INT16.min} and {_INT16.max}")
+    return int(number)
+
+
+def _check_split_name(name: object, where: str) -> None:
+    """``DataError`` unless ``name`` is text that can name the split's HDF5 dataset."""
+    if not isinstance(name, str) or name in ("", ".") or "/" in name or "\0" in name:
+        raise DataError(f"{where}: split {reprlib.repr(name)} is not a name (text, not '.', without '/')")
 
 
 def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> StructureSet:

@@ -1,8 +1,9 @@
 """Checks on structure sets: what makes a structure unusable for training.
 
 Array-level problems (mismatched lengths, bad offsets) make the whole set unreadable. Structure
-problems (non-finite energy, positions or forces, unknown elements, atoms closer than
-``MIN_DISTANCE``) either raise, naming the structure, or drop the structure and report it.
+problems (non-finite energy, positions, forces or cell, unknown elements, atoms closer than
+``MIN_DISTANCE``, degenerate periodic cells or ones thinner than that) either raise, naming the
+structure, or drop the structure and report it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+from ase.geometry import complete_cell
 from ase.neighborlist import neighbor_list
 
 from lmlp.data.structures import StructureSet
@@ -32,22 +34,27 @@ class Problem:
     reason: str
 
 
+def check_offsets(offsets: np.ndarray, n_atoms: int, source: str) -> None:
+    """Raise ``DataError`` unless ``offsets`` start at 0, grow by at least 1 and end at ``n_atoms``."""
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 1):
+        raise DataError(f"{source}: offsets must start at 0 and increase by at least 1 per structure")
+    if offsets[-1] != n_atoms:
+        raise DataError(f"{source}: offsets end at {offsets[-1]}, but there are {n_atoms} atoms")
+
+
 def check_arrays(s: StructureSet, source: str) -> None:
     """Raise ``DataError`` if the flat arrays of ``s`` do not fit together."""
     n_atoms = len(s.numbers)
-    off = s.offsets
-    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or np.any(np.diff(off) < 1):
-        raise DataError(f"{source}: offsets must start at 0 and increase by at least 1 per structure")
-    expected = {"positions": n_atoms, "forces": n_atoms}
-    for name, n in expected.items():
-        if len(getattr(s, name)) != n:
+    for name in ("positions", "forces"):
+        if len(getattr(s, name)) != n_atoms:
             raise DataError(f"{source}: {name} has {len(getattr(s, name))} rows, numbers has {n_atoms}")
-    if off[-1] != n_atoms:
-        raise DataError(f"{source}: offsets end at {off[-1]}, but there are {n_atoms} atoms")
-    n = len(off) - 1
+    check_offsets(s.offsets, n_atoms, source)
+    n = len(s.offsets) - 1
     for name in ("energy", "charge", "label"):
         if len(getattr(s, name)) != n:
             raise DataError(f"{source}: {name} has {len(getattr(s, name))} entries, expected {n} structures")
+    if (s.cell is None) != (s.pbc is None):
+        raise DataError(f"{source}: cell and pbc must be given together")
     for name in ("cell", "pbc"):
         value = getattr(s, name)
         if value is not None and len(value) != n:
@@ -77,6 +84,12 @@ def find_problems(s: StructureSet) -> list[Problem]:
         first_unknown[int(atom_to_structure[atom])] = int(s.numbers[atom])
     flag(_per_structure_any(unknown, atom_to_structure, len(s)),
          lambda i: f"unknown element {symbol(first_unknown[i])} (lmlp supports H to Xe)")
+    if s.cell is not None:
+        flag(~np.isfinite(s.cell).all(axis=(1, 2)), "non-finite cell")
+        thin = np.zeros(len(s), dtype=bool)
+        for i in np.flatnonzero(s.pbc.any(axis=1)):
+            thin[i] = np.any(s.pbc[i] & ~(_face_distances(s.cell[i]) >= MIN_DISTANCE))
+        flag(thin, f"periodic cell degenerate or thinner than {MIN_DISTANCE} Å")
     finite = np.array([i not in problems for i in range(len(s))], dtype=bool)
     close = _closest_pairs(s, finite)
     flag(close[:, 0] < MIN_DISTANCE,
@@ -115,6 +128,22 @@ def validate(
 def _per_structure_any(atom_flags: np.ndarray, atom_to_structure: np.ndarray, n: int) -> np.ndarray:
     """(n,) True where any atom of the structure is flagged."""
     return np.bincount(atom_to_structure[atom_flags], minlength=n) > 0
+
+
+def _face_distances(cell: np.ndarray) -> np.ndarray:
+    """(3,) distances between opposite faces of a cell, Å, with zero vectors completed as ASE does.
+
+    Zero for a zero vector's direction, NaN for a cell that is not finite or is degenerate.
+    """
+    scale = np.abs(cell).max()
+    if scale == 0:
+        return np.zeros(3)
+    if not np.isfinite(scale):
+        return np.full(3, np.nan)
+    c = complete_cell(cell / scale)  # scaled to 1, so that nothing below overflows
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        faces = np.linalg.norm(np.cross(np.roll(c, -1, axis=0), np.roll(c, -2, axis=0)), axis=1)
+        return np.where(cell.any(axis=1), abs(np.linalg.det(c)) / faces * scale, 0.0)
 
 
 def _closest_pairs(s: StructureSet, mask: np.ndarray) -> np.ndarray:

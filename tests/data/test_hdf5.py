@@ -17,12 +17,12 @@ def test_round_trip_is_exact(tmp_path, molecules):
 
 def test_file_records_units_provenance_and_hash(tmp_path, molecules):
     write_structures(tmp_path / "m.h5", molecules)
-    with h5py.File(tmp_path / "m.h5") as f:
-        assert f.attrs["energy_unit"] == "eV"
-        assert f.attrs["length_unit"] == "Angstrom"
-        assert f.attrs["force_unit"] == "eV/Angstrom"
+    with h5py.File(tmp_path / "m.h5") as f:  # strings are fixed-length UTF-8, read as bytes
+        assert f.attrs["energy_unit"] == b"eV"
+        assert f.attrs["length_unit"] == b"Angstrom"
+        assert f.attrs["force_unit"] == b"eV/Angstrom"
         assert f.attrs["format_version"] == 1
-        assert f.attrs["content_hash"].startswith("sha256:")
+        assert f.attrs["content_hash"].startswith(b"sha256:")
         assert f["atoms/positions"].compression == "gzip"
         assert f["atoms/positions"].shuffle
 
@@ -87,6 +87,7 @@ def test_summary_streams_in_blocks(tmp_path, molecules, monkeypatch):
     s = summarize(tmp_path / "m.h5")
     assert s.n_structures == len(molecules)
     assert s.n_atoms == len(molecules.numbers)
+    assert s.atoms_per_structure == (molecules.n_atoms.min(), molecules.n_atoms.max())
     assert sum(s.elements.values()) == s.n_atoms
     assert s.force_component_range == (molecules.forces.min(), molecules.forces.max())
     assert s.max_force_norm == pytest.approx(np.linalg.norm(molecules.forces, axis=1).max())

@@ -81,7 +81,7 @@ def test_provenance_is_stored(serial):
     assert (s.attrs["method"], s.attrs["program"], s.attrs["command"]) == ("GFN2-xTB", "tblite", "pytest")
     assert s.attrs["program_version"]
     with h5py.File(report.path) as f:
-        assert f.attrs["created"].startswith("20")
+        assert f.attrs["created"].startswith(b"20")  # fixed-length UTF-8, read as bytes
     assert "Langevin" in s.attrs["sampling"] and s.attrs["sampling"].endswith("seed 0")
     assert not report.path.with_name("sn2.h5.parts").exists()
 
