@@ -42,18 +42,19 @@ class Batch:
 
     @property
     def structure_of_atom(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(len(self.energy)), self.n_atoms)
+        return torch.repeat_interleave(torch.arange(len(self.energy), device=self.energy.device), self.n_atoms)
 
     def select(self, indices: torch.Tensor) -> Batch:
         """The structures ``indices`` (sorted), with atom indices renumbered."""
-        keep = torch.zeros(len(self.energy), dtype=torch.bool)
+        indices = indices.to(self.energy.device)
+        keep = torch.zeros(len(self.energy), dtype=torch.bool, device=self.energy.device)
         keep[indices] = True
         atom_keep = keep[self.structure_of_atom]
         new_atom = torch.cumsum(atom_keep, 0) - 1
         atoms = torch.nonzero(atom_keep).flatten()
         return Batch(
             numbers=self.numbers[atoms],
-            offsets=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(self.n_atoms[indices], 0)]),
+            offsets=torch.cat([self.offsets.new_zeros(1), torch.cumsum(self.n_atoms[indices], 0)]),
             G=self.G[atoms],
             derivatives=self.derivatives.select(atoms, new_atom),
             energy=self.energy[indices],
@@ -69,12 +70,21 @@ class Batch:
         atom_starts = np.cumsum([0] + [len(p.numbers) for p in pieces[:-1]]).tolist()
         return Batch(
             numbers=torch.cat([p.numbers for p in pieces]),
-            offsets=torch.cat([torch.zeros(1, dtype=torch.int64)] + [p.offsets[1:] + a for p, a in zip(pieces, atom_starts)]),
+            offsets=torch.cat([pieces[0].offsets.new_zeros(1)] + [p.offsets[1:] + a for p, a in zip(pieces, atom_starts)]),
             G=torch.cat([p.G for p in pieces]),
             derivatives=CentreDerivatives.cat([p.derivatives for p in pieces], atom_starts),
             energy=torch.cat([p.energy for p in pieces]),
             forces=torch.cat([p.forces for p in pieces]),
         )
+
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch on ``device``."""
+        if self.energy.device == device:
+            return self
+        return Batch(self.numbers.to(device), self.offsets.to(device), self.G.to(device),
+                     CentreDerivatives(self.derivatives.values.to(device), self.derivatives.atom.to(device)),
+                     self.energy.to(device), self.forces.to(device))
 
 
 def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> Batch:

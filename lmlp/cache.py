@@ -48,8 +48,8 @@ ROWS_PER_CHUNK = 64
 class MemoryCache:
     """Every descriptor in one ``Batch``."""
 
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
+    def __init__(self, batch: Batch, device: torch.device = torch.device("cpu")) -> None:
+        self.batch = batch.to(device)
 
     def __len__(self) -> int:
         return len(self.batch.energy)
@@ -72,8 +72,10 @@ class DiskCache:
     Build with ``DiskCache.open``; the file stays open for reading until ``close``.
     """
 
-    def __init__(self, path: Path, s: StructureSet, dtype: torch.dtype) -> None:
+    def __init__(self, path: Path, s: StructureSet, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.path = path
+        self.device = device
         self.numbers = torch.from_numpy(s.numbers)
         self.offsets = torch.from_numpy(s.offsets)
         self.energy = torch.from_numpy(s.energy)
@@ -82,14 +84,14 @@ class DiskCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike, s: StructureSet, descriptor: SymmetryFunctions,
-             dtype: torch.dtype, log=print) -> DiskCache:
+             dtype: torch.dtype, log=print, device: torch.device = torch.device("cpu")) -> DiskCache:
         """The cache of ``s`` at ``path``, computed (block by block) unless a matching one exists."""
         path = Path(path)
         key = cache_key(s, descriptor, dtype)
         if not _matches(path, key):
             log(f"computing the descriptor cache {path} ({len(s)} structures)")
             _write(path, s, descriptor, dtype, key)
-        return cls(path, s, dtype)
+        return cls(path, s, dtype, device)
 
     def __len__(self) -> int:
         return len(self.energy)
@@ -141,7 +143,7 @@ class DiskCache:
                             f"and resume to rebuild it") from None
         return Batch(numbers=self.numbers[a:b], offsets=self.offsets[first: stop + 1] - a, G=G,
                      derivatives=CentreDerivatives(values, atom), energy=self.energy[first:stop],
-                     forces=self.forces[a:b])
+                     forces=self.forces[a:b]).to(self.device)
 
 
 def cache_key(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> str:

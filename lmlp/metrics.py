@@ -5,6 +5,7 @@ Energies are compared per atom, forces per Cartesian component; reported in meV/
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -55,35 +56,40 @@ def member_losses(
 
 def evaluate(model: HDNNPEnsemble, pieces: Iterable[Batch], q: float, w_f: float,
              gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Metrics:
-    """Metrics of every member and of the ensemble mean over the structures of ``pieces``
-    (read once: they may come from disk, ``lmlp.cache``).
+    """Metrics of every member and of the ensemble mean over the structures of ``pieces``.
+
+    The pieces are read once and only error sums are kept, so memory is bounded by a piece (they
+    may come from disk, ``lmlp.cache``).
 
     ``gather`` completes the members' predictions (M, ...) from this process's share of them
     (distributed training, ``lmlp.distributed``).
     """
-    predictions, reference_e, reference_f, n_atoms = [], [], [], []
+    sums: dict[str, torch.Tensor | float] = {}
+    n_structures = n_components = 0
     with torch.no_grad():
         for piece in pieces:
-            predictions.append(predict(model, piece))
-            reference_e.append(piece.energy)
-            reference_f.append(piece.forces)
-            n_atoms.append(piece.n_atoms)
-    energies = torch.cat([e.double() for e, _ in predictions], 1)
-    forces = torch.cat([f.double() for _, f in predictions], 1)
-    if gather is not None:
-        energies, forces = gather(energies), gather(forces)
-    reference_e, n_atoms = torch.cat(reference_e), torch.cat(n_atoms)
-    reference_f = torch.cat(reference_f).double()
-    de = (energies - reference_e) / n_atoms * 1000.0
-    df = (forces - reference_f).flatten(1) * 1000.0
-    de_ens, df_ens = (energies.mean(0) - reference_e) / n_atoms * 1000.0, df.reshape(*forces.shape).mean(0).flatten()
-    mse_e, mse_f = de.pow(2).mean(1), df.pow(2).mean(1)
+            energies, forces = (t.double() for t in predict(model, piece))
+            if gather is not None:
+                energies, forces = gather(energies), gather(forces)
+            n_atoms = piece.n_atoms
+            de = (energies - piece.energy) / n_atoms * 1000.0
+            df = (forces - piece.forces.double()).flatten(1) * 1000.0
+            de_ens, df_ens = de.mean(0), df.mean(0)
+            for key, value in (("e2", de.pow(2).sum(1)), ("e1", de.abs().sum(1)), ("f2", df.pow(2).sum(1)),
+                               ("f1", df.abs().sum(1)), ("ens_e2", de_ens.pow(2).sum()),
+                               ("ens_e1", de_ens.abs().sum()), ("ens_f2", df_ens.pow(2).sum()),
+                               ("ens_f1", df_ens.abs().sum())):
+                sums[key] = sums.get(key, 0.0) + value
+            n_structures, n_components = n_structures + len(piece.energy), n_components + df.shape[1]
+    mse_e, mse_f = sums["e2"] / n_structures, sums["f2"] / n_components
     return Metrics(
-        rmse_e=mse_e.sqrt().numpy(), mae_e=de.abs().mean(1).numpy(),
-        rmse_f=mse_f.sqrt().numpy(), mae_f=df.abs().mean(1).numpy(),
-        loss=(q**2 * mse_e + w_f * mse_f).numpy() / 1e6,
-        ensemble={"rmse_e": float(de_ens.pow(2).mean().sqrt()), "mae_e": float(de_ens.abs().mean()),
-                  "rmse_f": float(df_ens.pow(2).mean().sqrt()), "mae_f": float(df_ens.abs().mean())},
+        rmse_e=mse_e.sqrt().cpu().numpy(), mae_e=(sums["e1"] / n_structures).cpu().numpy(),
+        rmse_f=mse_f.sqrt().cpu().numpy(), mae_f=(sums["f1"] / n_components).cpu().numpy(),
+        loss=(q**2 * mse_e + w_f * mse_f).cpu().numpy() / 1e6,
+        ensemble={"rmse_e": math.sqrt(float(sums["ens_e2"]) / n_structures),
+                  "mae_e": float(sums["ens_e1"]) / n_structures,
+                  "rmse_f": math.sqrt(float(sums["ens_f2"]) / n_components),
+                  "mae_f": float(sums["ens_f1"]) / n_components},
     )
 
 
@@ -96,8 +102,8 @@ def evaluate_model(
     model: HDNNPEnsemble, s: StructureSet, q: float = 10.9, w_f: float = 1.0
 ) -> dict[str, Metrics]:
     """Metrics of ``model`` on every structure of ``s`` ("all") and per label (e.g. reaction)."""
-    dtype = next(model.parameters()).dtype
-    batch = compute_batch(s, model.descriptor, dtype)
+    weight = next(model.parameters())
+    batch = compute_batch(s, model.descriptor, weight.dtype).to(weight.device)
     result = {"all": evaluate(model, chunks(batch), q, w_f)}
     labels = s.label.astype(str)
     for label in sorted(set(labels.tolist())):

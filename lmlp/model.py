@@ -162,12 +162,13 @@ class HDNNPEnsemble(torch.nn.Module):
         """
         if set(elements) & set(self.elements.tolist()) or len(set(elements)) != len(elements):
             raise ValueError(f"elements {elements} are already known or repeated")
-        dtype = next(self.parameters()).dtype
-        new = [self._network(len(self.networks) + k).to(dtype) for k in range(len(elements))]
+        weight = next(self.parameters())
+        new = [self._network(len(self.networks) + k).to(weight.device, weight.dtype) for k in range(len(elements))]
         self.networks.extend(new)
-        self.elements = torch.cat([self.elements, torch.tensor(elements, dtype=torch.int64)])
+        self.elements = torch.cat([self.elements, torch.tensor(elements, dtype=torch.int64, device=self.elements.device)])
         micro_ev = torch.round(reference_energies.detach().to(torch.float64) * 1e6).to(torch.int64)
-        self.reference_energies_micro_ev = torch.cat([self.reference_energies_micro_ev, micro_ev])
+        self.reference_energies_micro_ev = torch.cat([self.reference_energies_micro_ev,
+                                                      micro_ev.to(self.reference_energies_micro_ev.device)])
         return new
 
     def member_subset(self, part: slice) -> HDNNPEnsemble:

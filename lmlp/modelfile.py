@@ -44,7 +44,7 @@ def save_model(path: str | os.PathLike, model: HDNNPEnsemble, metadata: dict[str
         "network": model.hyperparameters,
         "elements": model.elements.tolist(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "state_dict": model.state_dict(),
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
         "metadata": metadata or {},
     }
     save_checked(content, path, keep_previous=keep_previous)

@@ -199,7 +199,7 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
     start_time = time.perf_counter()
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    distributed.resolve_device(cfg.training.device, workers)
+    device = distributed.resolve_device(cfg.training.device, workers)
     dtype = getattr(torch, cfg.training.dtype)
     members = cfg.ensemble.members
     if workers.size > members:
@@ -219,13 +219,13 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         descriptor = carried.model.descriptor
     else:
         descriptor = SymmetryFunctions.from_config(cfg.descriptor, sorted(set(data.numbers.tolist())))
-    train_cache, test_cache = _caches(cfg, train_set, test_set, descriptor, dtype, workers)
+    train_cache, test_cache = _caches(cfg, train_set, test_set, descriptor, dtype, workers, device)
     monitor = _monitor(cfg, train_cache)
     q, w_f = cfg.training.energy_weight, cfg.training.force_weight
     if carried is None:
-        ensemble = build_model(cfg, train_set, train_cache.standardizer(), descriptor).to(dtype)
+        ensemble = build_model(cfg, train_set, train_cache.standardizer(), descriptor).to(device, dtype)
     else:
-        ensemble = carried.model.to(dtype)
+        ensemble = carried.model.to(device, dtype)
         known_test = _known_structures(ensemble, test_set)
         before = evaluate_model(ensemble, known_test, q, w_f) if len(known_test) else {}
         _add_new_elements(ensemble, train_set)
@@ -258,7 +258,8 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         if resume:
             optimizer.load_state_dict(workers.local_optimizer_state(saved["optimizer"], optimizer, members))
             selection.load_state_dict(saved["selection"])
-            best_state, rows = workers.local_state(saved["best_state"], member_keys, members), saved["rows"]
+            best_state = {k: v.to(device) for k, v in workers.local_state(saved["best_state"], member_keys, members).items()}
+            rows = saved["rows"]
             best_loss, best_epoch = np.array(saved["best_loss"]), np.array(saved["best_epoch"])
             log(f"resumed {run_dir} after epoch {saved['epoch']}")
         elif carried is not None:
@@ -292,9 +293,9 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
                 log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble test RMSE E {test_m.ensemble['rmse_e']:.2f} "
                     f"meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", echo=cfg.output.progress)
             if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
-                whole_best = workers.gather_state(best_state, member_keys, members)
-                whole_model = workers.gather_state(model.state_dict(), member_keys, members)
-                whole_optimizer = workers.gather_optimizer_state(optimizer, members)
+                whole_best = _on_cpu(workers.gather_state(best_state, member_keys, members))
+                whole_model = _on_cpu(workers.gather_state(model.state_dict(), member_keys, members))
+                whole_optimizer = _on_cpu(workers.gather_optimizer_state(optimizer, members))
                 if workers.main:
                     _write_curve(run_dir / "learning_curve.csv", rows, _monitored(monitor, train_cache))
                     _save_best(ensemble, whole_best, run_dir / "checkpoint_best.pt", best_epoch, best_loss)
@@ -329,20 +330,31 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
 
 
 def _caches(cfg: Config, train_set: StructureSet, test_set: StructureSet, descriptor: SymmetryFunctions,
-            dtype: torch.dtype, workers: Workers) -> tuple[MemoryCache | DiskCache, MemoryCache | DiskCache]:
+            dtype: torch.dtype, workers: Workers, device: torch.device) -> tuple[MemoryCache | DiskCache, MemoryCache | DiskCache]:
     """The training and test descriptor caches ``training.descriptor_cache`` asks for; on disk,
     process 0 computes the files (or finds them from an earlier start) and the others wait."""
     if cfg.training.descriptor_cache == "memory":
-        return (MemoryCache(compute_batch(train_set, descriptor, dtype)),
-                MemoryCache(compute_batch(test_set, descriptor, dtype)))
+        return (MemoryCache(compute_batch(train_set, descriptor, dtype), device),
+                MemoryCache(compute_batch(test_set, descriptor, dtype), device))
     paths = {split: cfg.run_dir / f"descriptors_{split}.h5" for split in ("train", "test")}
     if workers.main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         for split, s in (("train", train_set), ("test", test_set)):
             DiskCache.open(paths[split], s, descriptor, dtype).close()
     workers.barrier()
-    return (DiskCache.open(paths["train"], train_set, descriptor, dtype),
-            DiskCache.open(paths["test"], test_set, descriptor, dtype))
+    return (DiskCache.open(paths["train"], train_set, descriptor, dtype, device=device),
+            DiskCache.open(paths["test"], test_set, descriptor, dtype, device=device))
+
+
+def _on_cpu(tree: Any) -> Any:
+    """A state (nested dicts, lists and tensors) with every tensor on the CPU, for files."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(v) for v in tree)
+    return tree
 
 
 def _members_text(part: slice) -> str:
@@ -373,11 +385,11 @@ def _fit_epoch(
                                                       cfg.training.force_weight, totals)
             piece_loss.sum().backward()
             loss, parts = loss + piece_loss.detach(), [*parts, per_structure.detach()]
-        finite = gather(_finite_members(loss, model)).numpy()
+        finite = gather(_finite_members(loss, model)).cpu().numpy()
         if not finite.all():
             return finite
         optimizer.step()
-    per_structure = gather(torch.cat(parts, 1)).mean(0)
+    per_structure = gather(torch.cat(parts, 1)).mean(0).cpu()
     for i in selection.update(fitted, per_structure, float(per_structure.mean())).tolist():
         log(f"epoch {epoch}: structure {int(data_index[i])} of {cfg.data.path} had an extreme error in "
             f"{cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)")
@@ -513,7 +525,7 @@ def _carry_selection(carried: _Carried, selection: DataSelection, train_fingerpr
 def _known_structures(model: HDNNPEnsemble, s: StructureSet) -> StructureSet:
     """The structures of ``s`` made only of elements ``model`` knows."""
     structure = np.repeat(np.arange(len(s)), np.diff(s.offsets))
-    unknown = ~np.isin(s.numbers, model.elements.numpy())
+    unknown = ~np.isin(s.numbers, model.elements.cpu().numpy())
     return s.subset(np.setdiff1d(np.arange(len(s)), structure[unknown]))
 
 
@@ -555,7 +567,8 @@ def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces
     from lmlp.plots import plot_learning_curves, plot_parity
 
     plot_learning_curves(rows, run_dir / "learning_curves.png")
-    energies, forces = predict_all(model, test_pieces)
+    test_pieces = [p.to(torch.device("cpu")) for p in test_pieces]
+    energies, forces = (t.cpu() for t in predict_all(model.cpu(), test_pieces))
     baseline = torch.cat([model.reference_baseline(p.numbers, p.offsets) for p in test_pieces])
     plot_parity(energies.mean(0).numpy(), torch.cat([p.energy for p in test_pieces]).numpy(), baseline.numpy(),
                 torch.cat([p.n_atoms for p in test_pieces]).numpy(), forces.mean(0).numpy(),
@@ -587,7 +600,7 @@ def _keep_best(model: HDNNPEnsemble, best: dict[str, torch.Tensor], improved: np
     """Copy the member slices of every stacked parameter whose member ``improved``."""
     members = torch.from_numpy(improved)
     for name, param in model.named_parameters():
-        best[name][members] = param.detach()[members]
+        best[name][members.to(param.device)] = param.detach()[members.to(param.device)]
 
 
 def _curve_row(epoch: int, train_m: Metrics, test_m: Metrics) -> dict[str, float]:
@@ -633,7 +646,7 @@ def _weights_digest(model: HDNNPEnsemble) -> str:
     """SHA-256 of the network weights (float64 bytes, in parameter order)."""
     digest = hashlib.sha256()
     for param in model.parameters():
-        digest.update(param.detach().to(torch.float64).numpy().tobytes())
+        digest.update(param.detach().to(torch.float64).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
