@@ -23,6 +23,7 @@ reported on read. A cache whose key does not match the run's data and descriptor
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -178,3 +179,18 @@ def _write(path: Path, s: StructureSet, descriptor: SymmetryFunctions, dtype: to
                 array = data.numpy()
                 f.create_dataset(f"blocks/{k}/{name}", data=array, fletcher32=True,
                                  chunks=(min(ROWS_PER_CHUNK, max(1, len(array))), *array.shape[1:]))
+            del batch
+            _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Writing HDF5 chunks between large tensor allocations fragments glibc's heap: without this the
+    resident memory of a cache build grows with the data set (by ~6 MB per block), though none
+    of it is in use.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -80,7 +80,8 @@ def test_cli_train_prints_the_table(tmp_path):
     assert "test ensemble" in result.stdout and "RMSE F / meV/Å" in result.stdout
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+def whole_and_interrupted(tmp_path, monkeypatch):
+    """A 12-epoch run, and the same run interrupted in epoch 10 (checkpoints at 4 and 8)."""
     import lmlp.training as training
 
     whole = train(tiny_config(tmp_path / "whole", epochs=12, checkpoint_every=4))
@@ -96,6 +97,11 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(training, "_curve_row", original)
+    return whole, cfg
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch):
+    whole, cfg = whole_and_interrupted(tmp_path, monkeypatch)
     assert load_checked(tmp_path / "cut" / "checkpoint_last.pt", "checkpoint")["epoch"] == 8
     resumed = train(cfg, resume=True)
     a, _ = load_model(whole.run_dir / "model.pt")
@@ -304,21 +310,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp
 
 
 def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
-    import lmlp.training as training
-
-    whole = train(tiny_config(tmp_path / "whole", epochs=12, checkpoint_every=4))
-    original = training._curve_row
-
-    def crash(epoch, *args):
-        if epoch == 10:
-            raise KeyboardInterrupt
-        return original(epoch, *args)
-
-    cfg = tiny_config(tmp_path / "cut", epochs=12, checkpoint_every=4)
-    monkeypatch.setattr(training, "_curve_row", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(training, "_curve_row", original)
+    whole, cfg = whole_and_interrupted(tmp_path, monkeypatch)
     last = tmp_path / "cut" / "checkpoint_last.pt"
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0xFF
