@@ -145,3 +145,13 @@ def test_comparison_over_two_processes_equals_one(tmp_path):
     strip = [[{k: v for k, v in run.items() if k != "seconds_per_epoch"} for run in r["runs"]] for r in results]
     assert strip[0] == strip[1]
     assert np.allclose([r["A"] for r in results[0]["runs"]], [r["A"] for r in results[1]["runs"]])
+
+
+def test_two_processes_share_the_disk_cache_and_match_one_process(one_and_two, tmp_path):
+    base, _, _ = one_and_two
+    training = {**CONFIG["training"], "descriptor_cache": "disk"}
+    lmlp("train", str(write_config(tmp_path / "c.yaml", tmp_path / "run", training=training)), processes=2)
+    assert (tmp_path / "run" / "descriptors_train.h5").is_file()
+    a, b = weights(base / "one"), weights(tmp_path / "run")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-9)
