@@ -70,7 +70,8 @@ class Batch:
         atom_starts = np.cumsum([0] + [len(p.numbers) for p in pieces[:-1]]).tolist()
         return Batch(
             numbers=torch.cat([p.numbers for p in pieces]),
-            offsets=torch.cat([pieces[0].offsets.new_zeros(1)] + [p.offsets[1:] + a for p, a in zip(pieces, atom_starts)]),
+            offsets=torch.cat([pieces[0].offsets.new_zeros(1)]
+                              + [p.offsets[1:] + a for p, a in zip(pieces, atom_starts)]),
             G=torch.cat([p.G for p in pieces]),
             derivatives=CentreDerivatives.cat([p.derivatives for p in pieces], atom_starts),
             energy=torch.cat([p.energy for p in pieces]),

@@ -2,8 +2,8 @@
 
 Both hold the descriptors G and dG/dR of a structure set (computed once, spec §4) and hand them
 out as ``Batch`` pieces: ``select(indices)`` for the structures fitted in an epoch, and all of
-them for evaluation, by iterating over the cache. ``MemoryCache`` keeps one ``Batch`` (fast; the default). ``DiskCache`` keeps only
-the labels in memory; the descriptors live in an HDF5 file and are read per epoch for the
+them for evaluation, by iterating over the cache. ``MemoryCache`` keeps one ``Batch`` (fast; the
+default). ``DiskCache`` keeps only the labels in memory; the descriptors live in an HDF5 file and are read per epoch for the
 selected structures, one block of ``STRUCTURES_PER_CHUNK`` structures at a time, so memory stays
 bounded by a block whatever the size of the data set. Training then accumulates the gradient over
 the blocks (one optimizer step per epoch, as in memory).

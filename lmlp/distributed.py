@@ -70,7 +70,8 @@ class Workers:
         dist.all_gather(parts, padded.contiguous())
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
-    def gather_state(self, local: dict[str, torch.Tensor], member_keys: set[str], total: int) -> dict[str, torch.Tensor]:
+    def gather_state(self, local: dict[str, torch.Tensor], member_keys: set[str],
+                     total: int) -> dict[str, torch.Tensor]:
         """A state dict with the ``member_keys`` entries gathered over the members; the others
         (equal on every rank) as they are."""
         return {k: self.gather_members(v, total) if k in member_keys else v for k, v in local.items()}

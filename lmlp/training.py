@@ -258,7 +258,8 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         if resume:
             optimizer.load_state_dict(workers.local_optimizer_state(saved["optimizer"], optimizer, members))
             selection.load_state_dict(saved["selection"])
-            best_state = {k: v.to(device) for k, v in workers.local_state(saved["best_state"], member_keys, members).items()}
+            saved_best = workers.local_state(saved["best_state"], member_keys, members)
+            best_state = {k: v.to(device) for k, v in saved_best.items()}
             rows = saved["rows"]
             best_loss, best_epoch = np.array(saved["best_loss"]), np.array(saved["best_epoch"])
             log(f"resumed {run_dir} after epoch {saved['epoch']}")
@@ -330,7 +331,8 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
 
 
 def _caches(cfg: Config, train_set: StructureSet, test_set: StructureSet, descriptor: SymmetryFunctions,
-            dtype: torch.dtype, workers: Workers, device: torch.device) -> tuple[MemoryCache | DiskCache, MemoryCache | DiskCache]:
+            dtype: torch.dtype, workers: Workers, device: torch.device,
+            ) -> tuple[MemoryCache | DiskCache, MemoryCache | DiskCache]:
     """The training and test descriptor caches ``training.descriptor_cache`` asks for; on disk,
     process 0 computes the files (or finds them from an earlier start) and the others wait."""
     if cfg.training.descriptor_cache == "memory":
