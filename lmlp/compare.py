@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def compare(
                   f"{n_epochs} epochs → {run_cfg.run_dir}"
                   + (f" (process {workers.rank})" if workers.size > 1 else ""), flush=True)
             train(run_cfg, resume=resume, workers=distributed.SINGLE)
+    if workers.size > 1:  # runs take unequal times: wait on the files, not at a timed collective
+        _wait_for([run_cfg.run_dir / "metrics.json" for _, _, run_cfg in runs])
     workers.barrier()
     summaries = []
     for variant in chosen:
@@ -164,6 +167,12 @@ def _check_variant(variant: VariantConfig) -> None:
         build_optimizer(variant.optimizer, [torch.zeros(1, requires_grad=True)], variant.lr, **variant.params)
     except ConfigError as exc:
         raise LmlpError(f"compare variant {variant.name!r}: {exc}") from None
+
+
+def _wait_for(paths: list[Path], poll_s: float = 2.0) -> None:
+    """Return once every file of ``paths`` exists (the runs of the other processes are done)."""
+    while not all(p.is_file() for p in paths):
+        time.sleep(poll_s)
 
 
 def _check_earlier(run_cfg: Config) -> None:

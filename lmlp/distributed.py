@@ -34,8 +34,10 @@ import torch.distributed as dist
 
 from lmlp.errors import LmlpError
 
-TIMEOUT = datetime.timedelta(minutes=30)
-"""How long a rank waits for the others at a collective before it gives up."""
+TIMEOUT = datetime.timedelta(hours=2)
+"""How long a rank waits for the others at a collective before it gives up (long enough for
+process 0 to compute a large on-disk descriptor cache while the others wait). A rank that dies
+does not leave the others waiting: torchrun stops them."""
 
 
 @dataclass(frozen=True)
