@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +53,27 @@ def assert_sets_equal(a: StructureSet, b: StructureSet) -> None:
     assert sorted(a.split) == sorted(b.split)
     for name in a.split:
         np.testing.assert_array_equal(a.split[name], b.split[name])
+
+
+def kill_at_random_moments(command: Callable[[], list[str]], run_dir: Path, seed: int, kills: int = 3,
+                           after_kill: Callable[[], None] = lambda: None) -> None:
+    """Run ``command()`` ``kills`` times, each killed by SIGKILL at a random moment (0–2 s) after it
+    starts writing to a ``train.log`` under ``run_dir``, then once to its end (which must succeed)."""
+    rng = random.Random(seed)
+
+    def logged() -> dict[Path, int]:
+        return {p: p.stat().st_size for p in run_dir.rglob("train.log")}
+
+    for kill in [True] * kills + [False]:
+        before = logged()
+        process = subprocess.Popen(command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and logged() == before:
+            assert time.monotonic() < deadline, "the command wrote no log line within 120 s"
+            time.sleep(0.02)
+        if kill:
+            time.sleep(rng.uniform(0.0, 2.0))
+            process.send_signal(signal.SIGKILL)
+        assert process.wait() in ((-signal.SIGKILL, 0) if kill else (0,)), process.stderr.read()
+        if kill:
+            after_kill()

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from factories import TINY
+from factories import TINY, kill_at_random_moments
 
 from lmlp.compare import accuracy_scores, compare
 from lmlp.config import config_from_dict
@@ -150,11 +150,7 @@ def test_output_directory_of_another_setup_is_refused(mini):
 
 
 def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_comparison(tmp_path):
-    import random
-    import signal
-    import subprocess
     import sys
-    import time
 
     import yaml
 
@@ -162,22 +158,9 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_comparison(
 
     out = tmp_path / "killed"
     config = tmp_path / "c.yaml"
-    cfg = yaml.safe_load(dump_config(mini_config(out)))
-    config.write_text(yaml.safe_dump(cfg))
+    config.write_text(yaml.safe_dump(yaml.safe_load(dump_config(mini_config(out)))))
     compare(mini_config(tmp_path / "whole"))
-    rng = random.Random(3)
-    for kill in (True, True, True, False):  # three kills at random moments, then a run to the end
-        started = {p: p.stat().st_size for p in out.rglob("train.log")}
-        process = subprocess.Popen([sys.executable, "-m", "lmlp", "compare", str(config)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while process.poll() is None and {p: p.stat().st_size for p in out.rglob("train.log")} == started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        if kill:
-            time.sleep(rng.uniform(0.0, 2.0))
-            process.send_signal(signal.SIGKILL)
-        assert process.wait() in ((-signal.SIGKILL, 0) if kill else (0,)), process.stderr.read()
+    kill_at_random_moments(lambda: [sys.executable, "-m", "lmlp", "compare", str(config)], out, seed=3)
     strip = [[{k: v for k, v in run.items() if k != "seconds_per_epoch"} for run in json.loads(p.read_text())["runs"]]
              for p in (tmp_path / "whole" / "comparison.json", out / "comparison.json")]
     assert strip[0] == strip[1]

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from factories import TINY
+from factories import TINY, kill_at_random_moments
 
 from lmlp.config import config_from_dict
 from lmlp.data import read_structures
@@ -269,34 +269,19 @@ def run_directory_is_complete(run_dir):
 
 
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
-    import random
-    import signal
-    import time
-
     import yaml
 
     whole = train(tiny_config(tmp_path / "whole", epochs=40, checkpoint_every=3))
-    cfg_path = tmp_path / "c.yaml"
+    cfg_path, killed = tmp_path / "c.yaml", tmp_path / "killed"
     cfg = yaml.safe_load((whole.run_dir / "config.yaml").read_text())
-    cfg["output"]["run_dir"] = str(tmp_path / "killed")
+    cfg["output"]["run_dir"] = str(killed)
     cfg_path.write_text(yaml.safe_dump(cfg))
-    rng, log = random.Random(7), tmp_path / "killed" / "train.log"
-    command = [sys.executable, "-m", "lmlp", "train", str(cfg_path)]
-    for kill in (True, True, True, False):  # three kills at random moments, then a run to the end
-        logged = log.stat().st_size if log.is_file() else 0
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while (log.stat().st_size if log.is_file() else 0) == logged and process.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        if kill:
-            time.sleep(rng.uniform(0.0, 2.0))
-            process.send_signal(signal.SIGKILL)
-        assert process.wait() in ((-signal.SIGKILL, 0) if kill else (0,)), process.stderr.read()
-        run_directory_is_complete(tmp_path / "killed")
-        resumable = (tmp_path / "killed" / "checkpoint_last.pt").is_file()
-        command = [sys.executable, "-m", "lmlp", "train", *(["--resume", str(tmp_path / "killed")] if resumable
-                                                              else [str(cfg_path)])]
+
+    def command():
+        resumable = (killed / "checkpoint_last.pt").is_file()
+        return [sys.executable, "-m", "lmlp", "train", *(["--resume", str(killed)] if resumable else [str(cfg_path)])]
+
+    kill_at_random_moments(command, killed, seed=7, after_kill=lambda: run_directory_is_complete(killed))
     assert not list((tmp_path / "killed").glob(".*.tmp"))
     a, _ = load_model(whole.run_dir / "model.pt")
     b, _ = load_model(tmp_path / "killed" / "model.pt")
