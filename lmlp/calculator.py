@@ -351,9 +351,7 @@ class LMLPCalculator(Calculator):
         G = torch.cat([G_radial, G_angular], 1)
         atomic, dE_dG = self._networks(G)
         gradient = self._pair_gradients(nb, pairs, dE_dG, radials if keep else None, angulars if keep else None)
-        forces = gradient.new_zeros(n, self.members, 3).index_add_(0, nb.i, gradient)
-        forces.index_add_(0, nb.j, -gradient)
-        return atomic, forces, pairs[:, 3]
+        return atomic, kernels.pair_forces(gradient, nb.i, nb.j, n), pairs[:, 3]
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""

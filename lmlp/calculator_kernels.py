@@ -176,6 +176,13 @@ def add_angular_gradient(
 
 
 @torch.jit.script
+def pair_forces(gradient: Tensor, i: Tensor, j: Tensor, n_atoms: int) -> Tensor:
+    """Forces (N, M, 3) eV/Å from dE_m/dv (P, M, 3) of the pair vectors v = R_j − R_i + shift."""
+    forces = gradient.new_zeros(n_atoms, gradient.shape[1], 3).index_add_(0, i, gradient)
+    return forces.index_add_(0, j, -gradient)
+
+
+@torch.jit.script
 def small_system(
     positions: Tensor, i: Tensor, j: Tensor, shifts: Tensor, pair_slot: Tensor, t0: Tensor, t1: Tensor,
     triple_slot: Tensor, pair_weights: Tensor, triple_weights: Tensor,
@@ -205,6 +212,4 @@ def small_system(
     gradient = radial_gradient(radial_slots.index_select(0, pair_slot), rad_slopes, pairs[:, 0:3])
     add_angular_gradient(gradient, angular_slots.index_select(0, triple_slot), ang_slopes, t0, t1,
                          first[:, 0:3], second[:, 0:3])
-    forces = gradient.new_zeros(n, members, 3).index_add_(0, i, gradient)
-    forces.index_add_(0, j, -gradient)
-    return atomic, forces, pairs[:, 3]
+    return atomic, pair_forces(gradient, i, j, n), pairs[:, 3]

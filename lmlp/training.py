@@ -338,14 +338,16 @@ def _caches(cfg: Config, train_set: StructureSet, test_set: StructureSet, descri
     if cfg.training.descriptor_cache == "memory":
         return (MemoryCache(compute_batch(train_set, descriptor, dtype), device),
                 MemoryCache(compute_batch(test_set, descriptor, dtype), device))
-    paths = {split: cfg.run_dir / f"descriptors_{split}.h5" for split in ("train", "test")}
+    def disk(split: str, s: StructureSet) -> DiskCache:
+        return DiskCache.open(cfg.run_dir / f"descriptors_{split}.h5", s, descriptor, dtype, device=device)
+
     if workers.main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        for split, s in (("train", train_set), ("test", test_set)):
-            DiskCache.open(paths[split], s, descriptor, dtype).close()
+        caches = disk("train", train_set), disk("test", test_set)
     workers.barrier()
-    return (DiskCache.open(paths["train"], train_set, descriptor, dtype, device=device),
-            DiskCache.open(paths["test"], test_set, descriptor, dtype, device=device))
+    if not workers.main:
+        caches = disk("train", train_set), disk("test", test_set)
+    return caches
 
 
 def _on_cpu(tree: Any) -> Any:
@@ -386,7 +388,8 @@ def _fit_epoch(
             piece_loss, per_structure = member_losses(energies, forces, batch, cfg.training.energy_weight,
                                                       cfg.training.force_weight, totals)
             piece_loss.sum().backward()
-            loss, parts = loss + piece_loss.detach(), [*parts, per_structure.detach()]
+            loss = loss + piece_loss.detach()
+            parts.append(per_structure.detach())
         finite = gather(_finite_members(loss, model)).cpu().numpy()
         if not finite.all():
             return finite
