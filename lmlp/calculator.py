@@ -76,8 +76,10 @@ class UncertaintyThresholds:
     def from_metadata(
         cls, metadata: dict[str, Any], energy_factor: float = ENERGY_FACTOR, force_factor: float = FORCE_FACTOR
     ) -> UncertaintyThresholds | None:
-        """Factors × the mean member test RMSEs of a model file (meV/atom, meV/Å); None without them."""
-        rmse_e, rmse_f = metadata.get("test_rmse_e"), metadata.get("test_rmse_f")
+        """Factors × the mean member validation RMSEs of a model file (meV/atom, meV/Å; test RMSEs
+        for model files from before the validation split); None without them."""
+        split = "validation" if metadata.get("validation_rmse_e") else "test"
+        rmse_e, rmse_f = metadata.get(f"{split}_rmse_e"), metadata.get(f"{split}_rmse_f")
         if not rmse_e or not rmse_f:
             return None
         return cls(energy_factor * float(np.mean(rmse_e)) / 1000.0, force_factor * float(np.mean(rmse_f)) / 1000.0)

@@ -68,6 +68,7 @@ def format_summary(s) -> str:
         ("forces", f"components {s.force_component_range[0]:.3f} … {s.force_component_range[1]:.3f} eV/Å, "
                    f"max |F| {s.max_force_norm:.3f} eV/Å"),
         ("split", ", ".join(f"{k} {v}" for k, v in s.split_sizes.items()) or "none"),
+        ("trajectories", "not recorded" if s.n_trajectories is None else str(s.n_trajectories)),
         ("created", a.get("created", "?")),
         ("command", a.get("command", "?")),
         ("format", f"{a.get('format')} v{a.get('format_version')}, {a.get('content_hash', '')[:23]}…"),
@@ -110,6 +111,10 @@ def data_generate(
     seed: Annotated[int, typer.Option(help="Seed of the MD sampling and the split.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes (one reaction each at a time).")] = 1,
     reactions: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. 'F+CH3Cl,Cl+CH3F'.")] = None,
+    protocol: Annotated[str, typer.Option(
+        help="md: the training set (restrained MD windows along the path, split by trajectory into "
+             "train/validation/test); independent: a test set made differently (relaxed C-X scans, "
+             "displaced copies, hot MD from the transition state), all test.")] = "md",
 ) -> None:
     """Generate the SN2 reference data set X⁻ + CH3Y → XCH3 + Y⁻ (resumable: re-run to continue)."""
     from lmlp.reference.sn2 import generate_sn2
@@ -117,6 +122,7 @@ def data_generate(
     report = generate_sn2(
         out, n_structures=n_structures, seed=seed, method=method, workers=workers,
         reactions=reactions.split(",") if reactions else None, command=_command_line(), progress=True,
+        sampling=protocol,
     )
     typer.echo(
         f"wrote {report.n_written} structures to {report.path}; "
@@ -124,12 +130,41 @@ def data_generate(
     )
 
 
+@data_app.command("split")
+def data_split(
+    path: Annotated[Path, typer.Argument(help="An lmlp HDF5 structure file.")],
+    by: Annotated[str, typer.Option(help="trajectory: whole MD trajectories to one side (needs stored trajectory "
+                                         "ids); random: structure by structure.")] = "trajectory",
+    fractions: Annotated[str, typer.Option(help="Train, validation and test fractions.")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: rewrite PATH in place, atomically).")] = None,
+) -> None:
+    """Store a new train/validation/test split, stratified by label (reaction)."""
+    from lmlp.data import read_structures, resplit, write_structures
+
+    try:
+        parts = tuple(float(v) for v in fractions.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise LmlpError(f"--fractions: got {fractions!r}, expected three numbers, e.g. 0.8,0.1,0.1")
+    s, _ = read_structures(path)
+    try:
+        s = resplit(s, by, parts, seed)
+    except LmlpError as exc:
+        raise LmlpError(f"{path}: {exc}") from None
+    s.attrs["split_command"] = _command_line()
+    target = out or path
+    write_structures(target, s)
+    typer.echo(f"wrote {target}: " + ", ".join(f"{k} {len(v)}" for k, v in s.split.items()))
+
+
 @data_app.command("merge")
 def data_merge(
     out: Annotated[Path, typer.Argument(help="Output HDF5 file.")],
     sources: Annotated[list[Path], typer.Argument(help="lmlp HDF5 files with a stored split, joined in order.")],
 ) -> None:
-    """Join structure files and their train/test splits (e.g. the training data and newly labelled structures)."""
+    """Join structure files and their stored splits (e.g. the training data and newly labelled structures)."""
     from lmlp.data import concatenate, read_structures, write_structures
 
     sets = [read_structures(path)[0] for path in sources]
@@ -139,7 +174,7 @@ def data_merge(
                         f"their energies cannot be mixed")
     for path, s in zip(sources, sets):
         if not s.split:
-            raise LmlpError(f"{path}: has no stored train/test split (lmlp data convert makes one)")
+            raise LmlpError(f"{path}: has no stored split (lmlp data split or lmlp data convert makes one)")
     merged = concatenate(sets, keep_splits=True)
     merged.attrs.update({"command": _command_line(), "sources": ", ".join(map(str, sources))})
     write_structures(out, merged)
@@ -239,6 +274,9 @@ def evaluate_command(
     data: Annotated[Path, typer.Argument(help="Structures: .h5 or anything ASE reads with energies and forces.")],
     split: Annotated[Optional[str], typer.Option(help="Only this stored split, e.g. test.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the table (default: beside the model).")] = None,
+    uncertainty: Annotated[bool, typer.Option(
+        "--uncertainty", help="Also report how the ensemble spread tells the error: Spearman correlation, and the "
+                              "threshold that flags 90 % of the structures with error > 3x the model's test RMSE.")] = False,
     skip_invalid: SkipInvalid = False,
 ) -> None:
     """RMSE table of a model on a data set: ensemble and members, per label (reaction); also JSON."""
@@ -247,15 +285,23 @@ def evaluate_command(
     from lmlp.modelfile import load_model
     from lmlp.metrics import evaluate_model, evaluation_json, format_evaluation
 
-    ensemble, _ = load_model(model)
+    ensemble, metadata = load_model(model)
     structures, problems = load(data, on_invalid="skip" if skip_invalid else "raise")
     _report_skipped(data, problems)
     if split is not None:
         structures = structures.split_subset(split)
     results = evaluate_model(ensemble, structures)
     typer.echo(format_evaluation(results))
+    table = evaluation_json(results)
+    if uncertainty:
+        from lmlp.uncertainty import format_report, uncertainty_report
+
+        reference = metadata.get("test_ensemble") or results["all"].ensemble
+        report = uncertainty_report(ensemble, structures, reference["rmse_e"], reference["rmse_f"])
+        typer.echo(format_report(report))
+        table["uncertainty"] = report.as_dict()
     target = out or model.with_name(f"evaluation_{data.stem}{'_' + split if split else ''}.json")
-    atomic_write_text(target, json.dumps(evaluation_json(results), indent=2))
+    atomic_write_text(target, json.dumps(table, indent=2))
     typer.echo(f"written to {target}")
 
 

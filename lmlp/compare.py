@@ -7,9 +7,9 @@ member s starts from the same weights in every variant. Per variant (and learnin
 optional grid, the best of which is kept) the comparison reports:
 
 - final test RMSE of E (meV/atom) and F (meV/Å), mean ± std over seeds, each seed at its own
-  early-stopping epoch;
-- the smoothness-aware errors of the paper's lMLP protocol: the errors of all seeds at each seed's
-  best epoch (seeds² values), mean ± std;
+  early-stopping epoch (chosen on the validation split; the test split is read once, at the end);
+- the smoothness-aware errors of the paper's lMLP protocol on the validation split: the errors of
+  all seeds at each seed's best epoch (seeds² values), mean ± std;
 - accuracy scores from the smoothness-aware errors, per task i ∈ {E, F} and overall:
 
       A_i(k) = min_k' E_i,k' / E_i,k                         (Eq. 19)
@@ -17,13 +17,15 @@ optional grid, the best of which is kept) the comparison reports:
       A(k) = mean_i A_i(k)                                    (Eq. 21)
       ΔA(k) = (Σ_i ΔA_i(k)²)^½ / N_tasks                      (Eq. 22)
 
-- wall time per epoch and the epochs until the test RMSE first reaches the configured targets
-  (mean over the seeds that reach it).
+- wall time per epoch and the epochs until the validation RMSE first reaches the configured
+  targets (mean over the seeds that reach it).
+
+The learning rate of a grid is chosen by the final validation loss, never by test errors.
 
 Each (variant, learning rate) run is an ordinary run directory under ``OUT/runs``; a finished one
 is skipped and an interrupted one resumed, so a killed comparison continues where it stopped.
 Outputs in ``OUT``: comparison.md (ranked table), comparison.csv, comparison.json,
-accuracy_scores.png and test_rmse.png.
+accuracy_scores.png and validation_rmse.png.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class RunSummary:
     final_f: tuple[float, float]
     smooth_e: tuple[float, float]
     smooth_f: tuple[float, float]
-    test_loss: float
+    validation_loss: float
     seconds_per_epoch: float
     epochs_to_target_e: float | None
     epochs_to_target_f: float | None
@@ -143,7 +145,7 @@ def compare(
     summaries = []
     for variant in chosen:
         candidates = [summarize_run(run_cfg, v, lr) for v, lr, run_cfg in runs if v is variant]
-        summaries.append(min(candidates, key=lambda s: s.test_loss))
+        summaries.append(min(candidates, key=lambda s: s.validation_loss))
     comparison = _score(summaries, out_dir)
     if workers.main:
         write_outputs(comparison, cfg, grid is not None)
@@ -211,16 +213,18 @@ def summarize_run(run_cfg: Config, variant: VariantConfig, lr: float) -> RunSumm
     info = json.loads((run_dir / "run.json").read_text())
     rows = read_curve(run_dir / "learning_curve.csv")
     seeds = len(metrics["test"]["members"]["rmse_e"])
-    e = np.array([[r[f"test_rmse_e_m{k}"] for k in range(seeds)] for r in rows])  # (epochs, seeds)
-    f = np.array([[r[f"test_rmse_f_m{k}"] for k in range(seeds)] for r in rows])
+    e = np.array([[r[f"validation_rmse_e_m{k}"] for k in range(seeds)] for r in rows])  # (epochs, seeds)
+    f = np.array([[r[f"validation_rmse_f_m{k}"] for k in range(seeds)] for r in rows])
     best = np.clip(np.array(metrics["best_epoch"]) - int(rows[0]["epoch"]), 0, None)  # 0: never improved
     final_e, final_f = np.array(metrics["test"]["members"]["rmse_e"]), np.array(metrics["test"]["members"]["rmse_f"])
+    val_e = np.array(metrics["validation"]["members"]["rmse_e"])
+    val_f = np.array(metrics["validation"]["members"]["rmse_f"])
     q, w_f = run_cfg.training.energy_weight, run_cfg.training.force_weight
     return RunSummary(
         variant=variant.name, optimizer=variant.optimizer, lr=lr, params=dict(variant.params),
         final_e=_mean_std(final_e), final_f=_mean_std(final_f),
         smooth_e=_mean_std(e[best].ravel()), smooth_f=_mean_std(f[best].ravel()),
-        test_loss=float(np.mean(q**2 * (final_e / 1e3) ** 2 + w_f * (final_f / 1e3) ** 2)),
+        validation_loss=float(np.mean(q**2 * (val_e / 1e3) ** 2 + w_f * (val_f / 1e3) ** 2)),
         seconds_per_epoch=metrics["wall_time_s"] / len(rows),
         epochs_to_target_e=_epochs_to(e, run_cfg.compare.target_rmse_e, rows),
         epochs_to_target_f=_epochs_to(f, run_cfg.compare.target_rmse_f, rows),
@@ -271,7 +275,7 @@ def write_outputs(c: Comparison, cfg: Config, grid: bool) -> None:
         from lmlp.plots import plot_accuracy_scores, plot_comparison_curves
 
         plot_accuracy_scores([s.variant for s in c.runs], c.a, c.da, c.out / "accuracy_scores.png")
-        plot_comparison_curves({s.variant: (s.curve_e, s.curve_f) for s in c.runs[:4]}, c.out / "test_rmse.png")
+        plot_comparison_curves({s.variant: (s.curve_e, s.curve_f) for s in c.runs[:4]}, c.out / "validation_rmse.png")
     print(table, flush=True)
 
 
@@ -306,7 +310,8 @@ def format_comparison(c: Comparison, grid: bool = False) -> str:
             f"| {c.a_i[k, 1]:.3f} ± {c.da_i[k, 1]:.3f} | {s.final_e[0]:.2f} ± {s.final_e[1]:.2f} "
             f"| {s.final_f[0]:.1f} ± {s.final_f[1]:.1f} | {s.smooth_e[0]:.2f} ± {s.smooth_e[1]:.2f} "
             f"| {s.smooth_f[0]:.1f} ± {s.smooth_f[1]:.1f} | {s.seconds_per_epoch:.3f} | {reach} |")
-    lines += ["", "RMSE E in meV/atom, F in meV/Å (test set); final: each seed at its early-stopping epoch; "
-              "smooth: all seeds at every seed's best epoch. Accuracy scores (seed paper Eqs. 19–22) from "
-              "the smooth errors." + (" lr: the best value of the grid." if grid else "")]
+    lines += ["", "RMSE E in meV/atom, F in meV/Å. final: test split, each seed at its early-stopping epoch "
+              "(chosen on the validation split); smooth: validation split, all seeds at every seed's best epoch. "
+              "Accuracy scores (seed paper Eqs. 19–22) from the smooth errors; epochs to target on the validation "
+              "split." + (" lr: the value of the grid with the lowest validation loss." if grid else "")]
     return "\n".join(lines)

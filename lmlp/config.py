@@ -216,7 +216,8 @@ class TrainingConfig:
     dtype: Literal["float32", "float64"] = "float32"
     """Floating-point precision of networks and descriptors."""
     early_stopping: bool = True
-    """Keep the epoch of minimal test loss as the final model."""
+    """Keep each member's epoch of minimal validation loss as the final model (files without a
+    validation split: test loss, with a warning)."""
     train_metrics_sample: int | None = _field(None, ge=1)
     """Per-epoch training metrics on this many training structures (a fixed random sample drawn
     with ``seed``); null: on all of them. The final metrics always use every structure."""
@@ -259,6 +260,9 @@ class DataConfig:
     """Use only structures with these labels (e.g. "F+CH3Cl"); null: all."""
     max_structures: int | None = _field(None, ge=1)
     """Use at most this many structures; null: all."""
+    extra_test: list[str] = _field([], unique=True)
+    """Independent test files (e.g. data/sn2_gfn2xtb_independent.h5): every structure of each
+    (of the configured reactions) is evaluated once after training and reported beside the test split."""
 
 
 @dataclass
@@ -317,11 +321,11 @@ class CompareConfig:
     variant); they are trained together as the members of one ensemble."""
     lr_grid: list[float] | None = _field(None, gt=0, unique=True)
     """Learning rates / maximal step sizes to try per variant (null: each variant's own lr);
-    the value with the lowest final test loss is kept."""
+    the value with the lowest final validation loss is kept."""
     target_rmse_e: float = _field(5.0, gt=0)
-    """Energy test RMSE, meV/atom, for the "epochs to reach" column."""
+    """Energy validation RMSE, meV/atom, for the "epochs to reach" column."""
     target_rmse_f: float = _field(150.0, gt=0)
-    """Force test RMSE, meV/Å, for the "epochs to reach" column."""
+    """Force validation RMSE, meV/Å, for the "epochs to reach" column."""
     out: str = "runs/{name}-compare"
     """Output directory; "{name}" is replaced by the run name."""
 

@@ -155,7 +155,7 @@ class MDSummary:
         mean_temperature: mean instantaneous temperature, K.
         max_energy_uncertainty: largest ensemble energy standard deviation per atom, meV/atom.
         max_force_uncertainty: largest force-component standard deviation, meV/Å.
-        thresholds: the uncertainty thresholds, or None when the model has no test RMSEs.
+        thresholds: the uncertainty thresholds, or None when the model has no validation (or test) RMSEs.
         n_uncertain: steps 0..steps above a threshold. n_flagged: structures written to ``flagged``.
         too_close_count: calculations with atoms closer than the training minimum distance.
         min_distance: that distance, Å (None: unknown, not checked).
@@ -196,7 +196,7 @@ class MDSummary:
                          f"(max deviation {self.max_energy_deviation:.4f} meV/atom)")
         t = self.thresholds
         limits = (f" (thresholds {t.energy_per_atom * 1000:.2f} meV/atom, {t.forces * 1000:.0f} meV/Å)"
-                  if t is not None else " (no thresholds: the model file has no test RMSEs)")
+                  if t is not None else " (no thresholds: the model file has no validation RMSEs)")
         lines.append(f"max uncertainty: energy {self.max_energy_uncertainty:.2f} meV/atom, "
                      f"forces {self.max_force_uncertainty:.0f} meV/Å{limits}")
         lines.append(f"uncertain steps: {self.n_uncertain}"
@@ -283,7 +283,7 @@ def run_md(
     """Run MD of ``start`` with the lMLP ``model`` and return a summary.
 
     Args:
-        model: a model file or an ``HDNNPEnsemble`` (then ``metadata`` gives its test RMSEs).
+        model: a model file or an ``HDNNPEnsemble`` (then ``metadata`` gives its validation RMSEs).
         start: a structure file (lmlp HDF5 or anything ASE reads; structure ``start_index``) or
             ``Atoms`` (copied).
         ensemble: "nve" (velocity Verlet) or "nvt" (Langevin, ``friction_per_fs`` in 1/fs).
@@ -294,7 +294,7 @@ def run_md(
         seed: seeds the start velocities and the Langevin noise.
         flagged_path: extxyz file for uncertain structures (``UncertaintyMonitor``: at most
             ``max_flagged``, at least ``flag_interval`` steps apart), with thresholds
-            ``energy_factor`` and ``force_factor`` × the model's mean member test RMSEs.
+            ``energy_factor`` and ``force_factor`` × the model's mean member validation RMSEs.
         dtype: precision of the lMLP (default: the model's; float64 for tight energy conservation).
         min_distance: training minimum interatomic distance, Å (default: from the model file).
         observers: extra (function, interval) pairs, called with the simulated ``Atoms``.
@@ -308,7 +308,7 @@ def run_md(
     calc = LMLPCalculator(model, dtype=dtype, min_distance=min_distance, metadata=metadata)
     thresholds = UncertaintyThresholds.from_metadata(calc.metadata, energy_factor, force_factor)
     if flagged_path is not None and thresholds is None:
-        raise LmlpError("the model file has no test RMSEs (metadata test_rmse_e, test_rmse_f): "
+        raise LmlpError("the model file has no validation or test RMSEs (metadata validation_rmse_e, test_rmse_e): "
                         "no uncertainty thresholds to flag structures with")
     atoms.calc = calc
     atoms.get_potential_energy()  # unknown elements fail here, before any file is written

@@ -15,11 +15,11 @@ from lmlp.fileio import atomic_path  # noqa: E402
 
 
 def plot_learning_curves(rows: list[dict[str, float]], path: Path) -> None:
-    """Train and test RMSE of the ensemble (lines) and the members (thin) versus epoch."""
+    """Train and validation RMSE of the ensemble (lines) and the members (thin) versus epoch."""
     epochs = np.array([r["epoch"] for r in rows])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, key, unit in ((axes[0], "rmse_e", "meV/atom"), (axes[1], "rmse_f", "meV/Å")):
-        for split, color in (("train", "tab:blue"), ("test", "tab:orange")):
+        for split, color in (("train", "tab:blue"), ("validation", "tab:orange")):
             members = [k for k in rows[0] if k.startswith(f"{split}_{key}_m")]
             for k in members:
                 ax.plot(epochs, [r[k] for r in rows], color=color, alpha=0.25, lw=0.7)
@@ -74,7 +74,7 @@ def plot_accuracy_scores(names: list[str], a: np.ndarray, da: np.ndarray, path: 
 
 
 def plot_comparison_curves(curves: dict[str, tuple[list, list]], path: Path) -> None:
-    """Test RMSE of E and F versus epoch, mean over seeds with a ± std band, per variant (seed paper Fig. 5).
+    """Validation RMSE of E and F versus epoch, mean over seeds with a ± std band, per variant (seed paper Fig. 5).
 
     ``curves`` maps a variant name to its (E, F) lists of per-epoch (mean, std).
     """
@@ -85,7 +85,7 @@ def plot_comparison_curves(curves: dict[str, tuple[list, list]], path: Path) -> 
             epochs = np.arange(1, len(mean) + 1)
             ax.plot(epochs, mean, lw=1.5, label=name)
             ax.fill_between(epochs, np.maximum(mean - std, 0.05 * mean), mean + std, alpha=0.25)
-    for ax, label in zip(axes, ("test RMSE E / meV/atom", "test RMSE F / meV/Å")):
+    for ax, label in zip(axes, ("validation RMSE E / meV/atom", "validation RMSE F / meV/Å")):
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)

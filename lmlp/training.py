@@ -5,9 +5,12 @@ Per epoch: lADS draws the structures to fit → one optimizer step per ``steps_p
     L_m = q² · mean_s ((E_ms − E_s)/N_s)² + w_F · mean over force components (F_m − F)²
 
 summed over members m (members are independent) → energy and force RMSE / MAE per member and for
-the ensemble mean on the training and test structures. Each member keeps the weights of its epoch
-with the lowest test loss (early stopping). Energies eV, forces eV/Å; reported metrics meV/atom
-and meV/Å.
+the ensemble mean on the training and validation structures. Each member keeps the weights of its
+epoch with the lowest validation loss (early stopping). The test split is read once, after
+training, to report its errors, as are the independent test sets of ``data.extra_test``. A data
+file without a validation split (the older train/test layout) still trains: early stopping then
+uses the test split, with a warning. Energies eV, forces eV/Å; reported metrics meV/atom and
+meV/Å.
 
 Run directory: config.yaml (resolved), run.json (versions, seeds, data hash), train.log,
 learning_curve.csv, checkpoint_last.pt (everything to resume; the one before it is kept as
@@ -31,7 +34,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,22 +60,30 @@ from lmlp.model import HDNNPEnsemble, fit_reference_energies
 from lmlp.modelfile import load_model, save_model
 from lmlp.optim import build_optimizer
 from lmlp.selection import DataSelection
+from lmlp.uncertainty import UncertaintyReport, format_report, uncertainty_report
 
 
 @dataclass
 class TrainingResult:
     """What ``train`` produced: the run directory, final metrics, best epochs and the wall time in s.
 
-    ``continual`` maps each test label (reaction) to its ensemble test RMSEs before and after a
-    continued run (empty for a fresh run).
+    ``validation`` holds the errors on the split that chose the epochs (the test split for files
+    without a validation split: ``validation_split`` says which). ``extra_test`` maps each file of
+    ``data.extra_test`` to its errors, ``extra_test_uncertainty`` to how the ensemble spread tells
+    them (bad: error > 3× the test RMSE). ``continual`` maps each test label (reaction) to its
+    ensemble test RMSEs before and after a continued run (empty for a fresh run).
     """
 
     run_dir: Path
     train: Metrics
+    validation: Metrics
     test: Metrics
     best_epoch: np.ndarray
     wall_time: float
     continual: dict[str, dict[str, Any]]
+    validation_split: str = "validation"
+    extra_test: dict[str, Metrics] = field(default_factory=dict)
+    extra_test_uncertainty: dict[str, UncertaintyReport] = field(default_factory=dict)
 
 
 class RunLog:
@@ -95,9 +106,9 @@ class RunLog:
             else:
                 self.bar.write(message)
 
-    def epoch(self, test: Metrics) -> None:
-        self.bar.set_postfix_str(f"test E {test.ensemble['rmse_e']:.2f} meV/atom, F {test.ensemble['rmse_f']:.1f} meV/Å",
-                                 refresh=False)
+    def epoch(self, validation: Metrics) -> None:
+        self.bar.set_postfix_str(f"validation E {validation.ensemble['rmse_e']:.2f} meV/atom, "
+                                 f"F {validation.ensemble['rmse_f']:.1f} meV/Å", refresh=False)
         self.bar.update()
 
     def close(self) -> None:
@@ -106,16 +117,33 @@ class RunLog:
 
 
 def load_training_data(cfg: Config) -> StructureSet:
-    """The configured structures (reaction filter, size cap) with a train/test split."""
+    """The configured structures (reaction filter, size cap) with a train/(validation/)test split."""
     s, problems = load(cfg.data.path, on_invalid=cfg.data.on_invalid)
     for p in problems:
         print(f"{cfg.data.path}: skipped structure {p.index}: {p.reason}", flush=True)
     if not {"train", "test"} <= set(s.split):
-        raise LmlpError(f"{cfg.data.path}: needs a stored train/test split (lmlp data convert makes one)")
+        raise LmlpError(f"{cfg.data.path}: needs a stored train/validation/test split (lmlp data split makes one)")
+    return _filtered(s, cfg, cfg.data.path)
+
+
+def load_extra_test(cfg: Config, path: str) -> StructureSet:
+    """All structures of an independent test file of ``data.extra_test`` (reaction filter applied)."""
+    s, problems = load(path, on_invalid=cfg.data.on_invalid)
+    for p in problems:
+        print(f"{path}: skipped structure {p.index}: {p.reason}", flush=True)
+    s = replace(s, split={"test": np.arange(len(s))})
+    subset = _filtered(s, replace(cfg, data=replace(cfg.data, max_structures=None)), path)
+    if len(subset) == 0:
+        raise LmlpError(f"data.extra_test: {path} has no structures of the configured reactions")
+    return subset.split_subset("test")
+
+
+def _filtered(s: StructureSet, cfg: Config, path: str) -> StructureSet:
+    """``s`` restricted to ``data.reactions`` and ``data.max_structures``, its split renumbered."""
     keep = np.ones(len(s), dtype=bool)
     if cfg.data.reactions is not None:
         unknown = set(cfg.data.reactions) - set(s.label.tolist())
-        if unknown:
+        if unknown and path == cfg.data.path:
             raise LmlpError(f"data.reactions: {sorted(unknown)} not in {cfg.data.path}")
         keep &= np.isin(s.label.astype(str), cfg.data.reactions)
     if cfg.data.max_structures is not None:
@@ -206,9 +234,11 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         raise LmlpError(f"{workers.size} processes but ensemble.members = {members}: training spreads the "
                         f"members, so use at most {members} processes")
     data = load_training_data(cfg)
-    train_set, test_set = data.split_subset("train"), data.split_subset("test")
-    if len(train_set) == 0 or len(test_set) == 0:
-        raise LmlpError(f"{cfg.data.path}: the train and test splits must both be non-empty")
+    validation_split = "validation" if "validation" in data.split else "test"
+    train_set, validation_set = data.split_subset("train"), data.split_subset(validation_split)
+    if len(train_set) == 0 or len(validation_set) == 0 or len(data.split["test"]) == 0:
+        raise LmlpError(f"{cfg.data.path}: the train, {validation_split} and test splits must be non-empty")
+    extra_sets = {path: load_extra_test(cfg, path) for path in cfg.data.extra_test}
     run_dir = cfg.run_dir
     fallbacks: list[str] = []
     if resume:
@@ -219,17 +249,19 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         descriptor = carried.model.descriptor
     else:
         descriptor = SymmetryFunctions.from_config(cfg.descriptor, sorted(set(data.numbers.tolist())))
-    train_cache, test_cache = _caches(cfg, train_set, test_set, descriptor, dtype, workers, device)
+    train_cache, validation_cache = _caches(cfg, {"train": train_set, validation_split: validation_set},
+                                            descriptor, dtype, workers, device)
     monitor = _monitor(cfg, train_cache)
     q, w_f = cfg.training.energy_weight, cfg.training.force_weight
     if carried is None:
         ensemble = build_model(cfg, train_set, train_cache.standardizer(), descriptor).to(device, dtype)
     else:
         ensemble = carried.model.to(device, dtype)
-        known_test = _known_structures(ensemble, test_set)
+        known_test = _known_structures(ensemble, data.split_subset("test"))
         before = evaluate_model(ensemble, known_test, q, w_f) if len(known_test) else {}
         _add_new_elements(ensemble, train_set)
     member_keys = {name for name, _ in ensemble.named_parameters()}
+    test_cache = None
     if workers.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".*.tmp"):  # left by a killed run's interrupted atomic write
@@ -242,6 +274,9 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
     try:
         for message in fallbacks:
             log(message)
+        if validation_split == "test":
+            log(f"warning: {cfg.data.path} has no validation split, so early stopping uses the test split and "
+                f"the test errors are not independent of training (lmlp data split stores a validation split)")
         if resume:
             ensemble.load_state_dict(saved["model"])
         model = ensemble.member_subset(workers.share(members)) if workers.size > 1 else ensemble
@@ -265,7 +300,8 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
             log(f"resumed {run_dir} after epoch {saved['epoch']}")
         elif carried is not None:
             _carry_selection(carried, selection, train_fingerprints, log)
-        log(f"{len(train_set)} training and {len(test_set)} test structures from {cfg.data.path}; "
+        log(f"{len(train_set)} training, {len(validation_set)} {validation_split} and {len(data.split['test'])} "
+            f"test structures from {cfg.data.path}; "
             f"{members} members, {descriptor.n_functions} descriptors, {cfg.optimizer.name}, "
             f"{cfg.training.epochs} epochs of {selection.n_fit} structures"
             + (f"; process {workers.rank} of {workers.size} trains members "
@@ -277,22 +313,23 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
                 finite = _fit_epoch(cfg, model, optimizer, selection, train_cache, epoch, data.split["train"], log,
                                     gather)
                 train_m = evaluate(model, monitor, q, w_f, gather)
-                test_m = evaluate(model, test_cache, q, w_f, gather)
-                finite &= np.isfinite(train_m.loss) & np.isfinite(test_m.loss)
+                val_m = evaluate(model, validation_cache, q, w_f, gather)
+                finite &= np.isfinite(train_m.loss) & np.isfinite(val_m.loss)
                 if finite.all():
                     break
                 _diverged(cfg, epoch, attempt, finite, log)
                 good.restore(model, optimizer, selection, cfg.training.divergence_factor)
             good = _Snapshot.take(model, optimizer, selection)
-            improved = test_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
-            best_loss = np.where(improved, test_m.loss, best_loss)
+            improved = val_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
+            best_loss = np.where(improved, val_m.loss, best_loss)
             best_epoch = np.where(improved, epoch, best_epoch)
             _keep_best(model, best_state, improved[workers.share(members)])
-            rows.append(_curve_row(epoch, train_m, test_m))
-            log.epoch(test_m)
+            rows.append(_curve_row(epoch, train_m, val_m))
+            log.epoch(val_m)
             if epoch % max(1, cfg.training.epochs // 20) == 0 or epoch == 1:
-                log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble test RMSE E {test_m.ensemble['rmse_e']:.2f} "
-                    f"meV/atom, F {test_m.ensemble['rmse_f']:.1f} meV/Å", echo=cfg.output.progress)
+                log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble {validation_split} RMSE "
+                    f"E {val_m.ensemble['rmse_e']:.2f} meV/atom, F {val_m.ensemble['rmse_f']:.1f} meV/Å",
+                    echo=cfg.output.progress)
             if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
                 whole_best = _on_cpu(workers.gather_state(best_state, member_keys, members))
                 whole_model = _on_cpu(workers.gather_state(model.state_dict(), member_keys, members))
@@ -308,14 +345,25 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
                                  run_dir / "checkpoint_last.pt", keep_previous=True)
         ensemble.load_state_dict(workers.gather_state(best_state, member_keys, members))
         model = ensemble
-        train_m, test_m = evaluate(model, train_cache, q, w_f), evaluate(model, test_cache, q, w_f)
+        train_m, val_m = evaluate(model, train_cache, q, w_f), evaluate(model, validation_cache, q, w_f)
+        test_set = data.split_subset("test")  # read once, after training: it chose nothing
+        test_cache = _caches(cfg, {"test": test_set}, descriptor, dtype, workers, device)[0]
+        test_m = evaluate(model, test_cache, q, w_f)
+        extra = {path: evaluate_model(model, s, q, w_f)["all"] for path, s in extra_sets.items()}
+        calibration = {path: uncertainty_report(model, s, test_m.ensemble["rmse_e"], test_m.ensemble["rmse_f"])
+                       for path, s in extra_sets.items()}
+        for path, report in calibration.items():
+            log(f"{path}: {format_report(report)}", echo=False)
         continual = _continual_report(before, model, test_set, known_test, q, w_f, log) if carried else {}
         wall = time.perf_counter() - start_time
-        result = TrainingResult(run_dir, train_m, test_m, best_epoch, wall, continual)
+        result = TrainingResult(run_dir, train_m, val_m, test_m, best_epoch, wall, continual, validation_split, extra,
+                                calibration)
         if workers.main:
             save_model(run_dir / "model.pt", model, {
+                "validation_rmse_e": val_m.rmse_e.tolist(), "validation_rmse_f": val_m.rmse_f.tolist(),
+                "validation_split": validation_split,
                 "test_rmse_e": test_m.rmse_e.tolist(), "test_rmse_f": test_m.rmse_f.tolist(),
-                "best_epoch": best_epoch.tolist(), "config": dump_config(cfg),
+                "test_ensemble": test_m.ensemble, "best_epoch": best_epoch.tolist(), "config": dump_config(cfg),
                 "min_pair_distance": closest_pair_distance(train_set, descriptor.cutoff)})
             atomic_write_text(run_dir / "metrics.json", json.dumps(_metrics_json(result), indent=2))
             if cfg.output.plots:
@@ -325,28 +373,29 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         return result
     finally:
         log.close()
-        for cache in (train_cache, test_cache):
+        for cache in (train_cache, validation_cache, test_cache):
             if isinstance(cache, DiskCache):
                 cache.close()
 
 
-def _caches(cfg: Config, train_set: StructureSet, test_set: StructureSet, descriptor: SymmetryFunctions,
-            dtype: torch.dtype, workers: Workers, device: torch.device,
-            ) -> tuple[MemoryCache | DiskCache, MemoryCache | DiskCache]:
-    """The training and test descriptor caches ``training.descriptor_cache`` asks for; on disk,
-    process 0 computes the files (or finds them from an earlier start) and the others wait."""
+def _caches(cfg: Config, sets: dict[str, StructureSet], descriptor: SymmetryFunctions, dtype: torch.dtype,
+            workers: Workers, device: torch.device) -> list[MemoryCache | DiskCache]:
+    """The descriptor caches of ``sets`` (split name: structures) that ``training.descriptor_cache``
+    asks for; on disk, process 0 computes the files (or finds them from an earlier start) and the
+    others wait."""
     if cfg.training.descriptor_cache == "memory":
-        return (MemoryCache(compute_batch(train_set, descriptor, dtype), device),
-                MemoryCache(compute_batch(test_set, descriptor, dtype), device))
-    def disk(split: str, s: StructureSet) -> DiskCache:
-        return DiskCache.open(cfg.run_dir / f"descriptors_{split}.h5", s, descriptor, dtype, device=device)
+        return [MemoryCache(compute_batch(s, descriptor, dtype), device) for s in sets.values()]
+
+    def disk() -> list[DiskCache]:
+        return [DiskCache.open(cfg.run_dir / f"descriptors_{split}.h5", s, descriptor, dtype, device=device)
+                for split, s in sets.items()]
 
     if workers.main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        caches = disk("train", train_set), disk("test", test_set)
+        caches = disk()
     workers.barrier()
     if not workers.main:
-        caches = disk("train", train_set), disk("test", test_set)
+        caches = disk()
     return caches
 
 
@@ -564,7 +613,7 @@ def _save_best(model: HDNNPEnsemble, best_state: dict[str, torch.Tensor], path: 
     """A model file with each member's best weights so far."""
     best = copy.deepcopy(model)
     best.load_state_dict(best_state)
-    save_model(path, best, {"best_epoch": best_epoch.tolist(), "best_test_loss": best_loss.tolist()})
+    save_model(path, best, {"best_epoch": best_epoch.tolist(), "best_validation_loss": best_loss.tolist()})
 
 
 def _write_plots(model: HDNNPEnsemble, rows: list[dict[str, float]], test_pieces: list[Batch], run_dir: Path) -> None:
@@ -608,9 +657,9 @@ def _keep_best(model: HDNNPEnsemble, best: dict[str, torch.Tensor], improved: np
         best[name][members.to(param.device)] = param.detach()[members.to(param.device)]
 
 
-def _curve_row(epoch: int, train_m: Metrics, test_m: Metrics) -> dict[str, float]:
+def _curve_row(epoch: int, train_m: Metrics, val_m: Metrics) -> dict[str, float]:
     row: dict[str, float] = {"epoch": epoch}
-    for split, m in (("train", train_m), ("test", test_m)):
+    for split, m in (("train", train_m), ("validation", val_m)):
         for key in ("rmse_e", "mae_e", "rmse_f", "mae_f"):
             row[f"{split}_{key}_ensemble"] = m.ensemble[key]
             for k, value in enumerate(getattr(m, key)):
@@ -627,7 +676,10 @@ def _write_curve(path: Path, rows: list[dict[str, float]], monitored: str) -> No
 
 
 def _metrics_json(result: TrainingResult) -> dict:
-    return {"units": UNITS, "train": metrics_dict(result.train), "test": metrics_dict(result.test),
+    return {"units": UNITS, "train": metrics_dict(result.train), "validation": metrics_dict(result.validation),
+            "validation_split": result.validation_split, "test": metrics_dict(result.test),
+            "extra_test": {path: metrics_dict(m) for path, m in result.extra_test.items()},
+            "extra_test_uncertainty": {path: r.as_dict() for path, r in result.extra_test_uncertainty.items()},
             "best_epoch": result.best_epoch.tolist(), "wall_time_s": result.wall_time,
             **({"continual": result.continual} if result.continual else {})}
 
@@ -656,11 +708,17 @@ def _weights_digest(model: HDNNPEnsemble) -> str:
 
 
 def format_table(result: TrainingResult) -> str:
-    """The end-of-training table: ensemble and member mean ± std, train and test."""
-    lines = [f"{'':22s}{'RMSE E / meV/atom':>20s}{'RMSE F / meV/Å':>18s}"]
-    for split, m in (("train", result.train), ("test", result.test)):
-        lines.append(f"{split + ' ensemble':22s}{m.ensemble['rmse_e']:20.2f}{m.ensemble['rmse_f']:18.1f}")
-        lines.append(f"{split + ' members':22s}{m.rmse_e.mean():12.2f} ± {m.rmse_e.std():5.2f}"
+    """The end-of-training table: ensemble and member mean ± std on train, validation, test and
+    every independent test file."""
+    sets = [("train", result.train), ("test", result.test)]
+    if result.validation_split == "validation":
+        sets.insert(1, ("validation", result.validation))
+    sets += [(Path(path).stem, m) for path, m in result.extra_test.items()]
+    width = max(22, *(len(name) + 10 for name, _ in sets))
+    lines = [f"{'':{width}s}{'RMSE E / meV/atom':>20s}{'RMSE F / meV/Å':>18s}"]
+    for split, m in sets:
+        lines.append(f"{split + ' ensemble':{width}s}{m.ensemble['rmse_e']:20.2f}{m.ensemble['rmse_f']:18.1f}")
+        lines.append(f"{split + ' members':{width}s}{m.rmse_e.mean():12.2f} ± {m.rmse_e.std():5.2f}"
                      f"{m.rmse_f.mean():10.1f} ± {m.rmse_f.std():5.1f}")
     lines.append(f"best epochs {result.best_epoch.tolist()}, wall time {result.wall_time:.0f} s, "
                  f"run directory {result.run_dir}")

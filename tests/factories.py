@@ -43,13 +43,16 @@ def random_molecules(n: int = 20, seed: int = 0, sizes: tuple[int, ...] = (6, 7)
 
 
 def assert_sets_equal(a: StructureSet, b: StructureSet) -> None:
-    """Exact equality of every array, the split and the cell/pbc presence."""
+    """Exact equality of every array, the split and the cell/pbc/trajectory presence."""
     for name in ("numbers", "positions", "forces", "offsets", "energy", "charge", "label"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert (a.cell is None) == (b.cell is None)
     if a.cell is not None:
         np.testing.assert_array_equal(a.cell, b.cell)
         np.testing.assert_array_equal(a.pbc, b.pbc)
+    assert (a.trajectory is None) == (b.trajectory is None)
+    if a.trajectory is not None:
+        np.testing.assert_array_equal(a.trajectory, b.trajectory)
     assert sorted(a.split) == sorted(b.split)
     for name in a.split:
         np.testing.assert_array_equal(a.split[name], b.split[name])

@@ -31,7 +31,7 @@ def descriptor():
 def caches(tmp_path, structures, descriptor, monkeypatch):
     import lmlp.cache
 
-    monkeypatch.setattr(lmlp.cache, "STRUCTURES_PER_CHUNK", 40)  # several blocks in the tiny set
+    monkeypatch.setattr(lmlp.cache, "STRUCTURES_PER_CHUNK", 35)  # several blocks in the tiny set
     disk = DiskCache.open(tmp_path / "d.h5", structures, descriptor, torch.float64, log=lambda _: None)
     yield MemoryCache(compute_batch(structures, descriptor, torch.float64)), disk
     disk.close()
@@ -46,7 +46,7 @@ def forces_of(batch: Batch, seed: int = 0) -> torch.Tensor:
 
 def test_disk_selection_equals_memory_selection(caches):
     memory, disk = caches
-    indices = torch.tensor([0, 3, 39, 40, 41, 100, 150, len(memory) - 1])
+    indices = torch.tensor([0, 3, 34, 35, 36, 100, 130, len(memory) - 1])
     expected = next(memory.select(indices))
     pieces = list(disk.select(indices))
     assert len(pieces) == 5  # blocks 0, 1, 2, 3 and the last
@@ -111,7 +111,8 @@ def test_training_from_the_disk_cache_equals_training_in_memory(tmp_path, monkey
     monkeypatch.setattr(lmlp.cache, "STRUCTURES_PER_CHUNK", 30)  # gradients accumulate over 7 blocks
     memory = train(config(tmp_path / "memory", "memory"))
     disk = train(config(tmp_path / "disk", "disk"))
-    assert {p.name for p in disk.run_dir.glob("descriptors_*.h5")} == {"descriptors_train.h5", "descriptors_test.h5"}
+    assert {p.name for p in disk.run_dir.glob("descriptors_*.h5")} == {
+        "descriptors_train.h5", "descriptors_validation.h5", "descriptors_test.h5"}
     a = load_checked(memory.run_dir / "model.pt", "model")["state_dict"]
     b = load_checked(disk.run_dir / "model.pt", "model")["state_dict"]
     for key in a:

@@ -163,6 +163,9 @@ def test_model_file_gives_thresholds_and_minimum_distance(tmp_path, tiny, model)
     assert calc.uncertainty_thresholds == UncertaintyThresholds(
         energy_per_atom=calculator.ENERGY_FACTOR * 3.0e-3, forces=calculator.FORCE_FACTOR * 0.2)
     assert calc.min_distance == 0.7
+    validated = {**metadata, "validation_rmse_e": [1.0, 1.0], "validation_rmse_f": [50.0, 50.0]}
+    assert UncertaintyThresholds.from_metadata(validated) == UncertaintyThresholds(
+        energy_per_atom=calculator.ENERGY_FACTOR * 1.0e-3, forces=calculator.FORCE_FACTOR * 0.05)
     atoms = tiny.atoms(0)
     atoms.calc = calc
     with warnings.catch_warnings():

@@ -75,3 +75,35 @@ def test_data_merge_joins_files_and_splits(tmp_path):
     write_structures(tmp_path / "c.h5", b)
     bad = lmlp("data", "merge", tmp_path / "x.h5", tmp_path / "a.h5", tmp_path / "c.h5")
     assert bad.returncode == 1 and "different methods" in bad.stderr
+
+
+def test_data_split_round_trip_by_trajectory(tmp_path, molecules):
+    import numpy as np
+
+    from lmlp.data import split_indices
+
+    molecules.trajectory = np.arange(len(molecules)) // 2
+    write_structures(tmp_path / "m.h5", molecules)
+    done = lmlp("data", "split", tmp_path / "m.h5", "--fractions", "0.6,0.2,0.2", "--seed", "4")
+    assert done.returncode == 0, done.stderr
+    s, _ = read_structures(tmp_path / "m.h5")
+    expected = split_indices(molecules.label, (0.6, 0.2, 0.2), 4, molecules.trajectory)
+    assert sorted(s.split) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(s.split[name], expected[name])
+    np.testing.assert_array_equal(s.positions, molecules.positions)
+    assert s.attrs["split_command"].endswith("m.h5 --fractions 0.6,0.2,0.2 --seed 4")
+    info = lmlp("data", "info", tmp_path / "m.h5")
+    assert "trajectories  10" in info.stdout
+
+
+def test_data_split_by_trajectory_without_ids_is_one_line(tmp_path, molecules):
+    write_structures(tmp_path / "m.h5", molecules)
+    failed = lmlp("data", "split", tmp_path / "m.h5")
+    assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1
+    assert "m.h5: the structures have no trajectory ids" in failed.stderr
+    bad = lmlp("data", "split", tmp_path / "m.h5", "--by", "random", "--fractions", "0.8,0.2")
+    assert bad.returncode == 1 and "--fractions" in bad.stderr
+    ok = lmlp("data", "split", tmp_path / "m.h5", "--by", "random", "--out", tmp_path / "r.h5")
+    assert ok.returncode == 0, ok.stderr
+    assert set(read_structures(tmp_path / "r.h5")[0].split) == {"train", "validation", "test"}

@@ -44,7 +44,7 @@ def mini(tmp_path_factory):
 
 def test_miniature_comparison_writes_every_output(mini):
     out, result = mini
-    for name in ("comparison.md", "comparison.csv", "comparison.json", "accuracy_scores.png", "test_rmse.png"):
+    for name in ("comparison.md", "comparison.csv", "comparison.json", "accuracy_scores.png", "validation_rmse.png"):
         assert (out / name).is_file(), name
     table = json.loads((out / "comparison.json").read_text())
     assert [r["rank"] for r in table["runs"]] == [1, 2, 3]
@@ -97,12 +97,12 @@ def test_learning_rate_grid_keeps_the_best_value(tmp_path):
     result = compare(mini_config(tmp_path), variants=["Adam"], lr_grid=[1e-4, 1e-2], epochs=4)
     losses = {}
     for lr in (1e-4, 1e-2):
-        members = json.loads((tmp_path / "runs" / "Adam" / f"lr{lr:g}" / "metrics.json").read_text())["test"]["members"]
+        members = json.loads((tmp_path / "runs" / "Adam" / f"lr{lr:g}" / "metrics.json").read_text())["validation"]["members"]
         e, f = np.array(members["rmse_e"]) / 1e3, np.array(members["rmse_f"]) / 1e3
         losses[lr] = np.mean(10.9**2 * e**2 + f**2)
     assert result.runs[0].lr == min(losses, key=losses.get)
     assert losses[1e-4] != losses[1e-2]
-    assert "best value of the grid" in (tmp_path / "comparison.md").read_text()
+    assert "lowest validation loss" in (tmp_path / "comparison.md").read_text()
 
 
 def test_invalid_variant_is_reported_before_any_training(tmp_path):

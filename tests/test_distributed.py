@@ -100,7 +100,7 @@ def test_two_processes_give_the_weights_and_metrics_of_one(one_and_two):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-10)
     m1, m2 = (json.loads((base / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert m2["best_epoch"] == m1["best_epoch"]
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         assert m2[split]["ensemble"] == pytest.approx(m1[split]["ensemble"], rel=1e-9)
     assert two.stdout.count("test ensemble") == 1  # only rank 0 prints
 

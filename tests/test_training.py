@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,12 +10,13 @@ import torch
 from factories import TINY, kill_at_random_moments
 
 from lmlp.config import config_from_dict
-from lmlp.data import read_structures
+from lmlp.data import read_structures, write_structures
+from lmlp.errors import DataError
 from lmlp.integrity import load_checked
 from lmlp.modelfile import load_model
 from lmlp.batch import chunks, compute_batch
 from lmlp.metrics import evaluate
-from lmlp.training import train
+from lmlp.training import format_table, train
 
 
 def tiny_config(run_dir, reactions=None, **training):
@@ -40,9 +42,10 @@ def test_short_run_lowers_both_errors_clearly(run):
     _, result = run
     with open(result.run_dir / "learning_curve.csv") as fh:
         rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
-    first, best = rows[0], result.test.ensemble
-    assert best["rmse_e"] < 0.3 * float(first["test_rmse_e_ensemble"])
-    assert best["rmse_f"] < 0.6 * float(first["test_rmse_f_ensemble"])
+    first, best = rows[0], result.validation.ensemble
+    assert best["rmse_e"] < 0.3 * float(first["validation_rmse_e_ensemble"])
+    assert best["rmse_f"] < 0.6 * float(first["validation_rmse_f_ensemble"])
+    assert result.test.ensemble["rmse_e"] < 0.5 * float(first["validation_rmse_e_ensemble"])
     assert len(rows) == 30
 
 
@@ -58,6 +61,7 @@ def test_run_directory_holds_every_output(run):
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["units"] == {"energy": "meV/atom", "forces": "meV/Angstrom"}
     assert len(metrics["test"]["members"]["rmse_e"]) == 3
+    assert metrics["validation_split"] == "validation" and len(metrics["validation"]["members"]["rmse_f"]) == 3
 
 
 def test_model_file_keeps_the_best_epoch_per_member(run):
@@ -67,6 +71,9 @@ def test_model_file_keeps_the_best_epoch_per_member(run):
     batch = compute_batch(s.split_subset("test"), model.descriptor, torch.float32)
     m = evaluate(model, chunks(batch), cfg.training.energy_weight, cfg.training.force_weight)
     assert m.rmse_e.tolist() == pytest.approx(metadata["test_rmse_e"], rel=1e-5)
+    batch = compute_batch(s.split_subset("validation"), model.descriptor, torch.float32)
+    m = evaluate(model, chunks(batch), cfg.training.energy_weight, cfg.training.force_weight)
+    assert m.rmse_f.tolist() == pytest.approx(metadata["validation_rmse_f"], rel=1e-5)
     assert metadata["best_epoch"] == result.best_epoch.tolist()
 
 
@@ -77,7 +84,62 @@ def test_cli_train_prints_the_table(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmlp", "train", str(tmp_path / "c.yaml")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "test ensemble" in result.stdout and "RMSE F / meV/Å" in result.stdout
+    assert "test ensemble" in result.stdout and "validation ensemble" in result.stdout
+    assert "RMSE F / meV/Å" in result.stdout
+
+
+def weights(run_dir):
+    return load_model(run_dir / "model.pt")[0].state_dict()
+
+
+def test_training_never_reads_the_test_labels(run, tmp_path):
+    """Corrupted test labels give bitwise the same weights and validation errors: the test split
+    chooses nothing (neither epochs nor anything else)."""
+    _, result = run
+    s, _ = read_structures(TINY)
+    test_atoms = np.isin(s.structure_index, s.split["test"])
+    s.energy[s.split["test"]] += 5.0
+    s.forces[test_atoms] *= -3.0
+    write_structures(tmp_path / "corrupted.h5", s)
+    cfg = tiny_config(tmp_path / "run")
+    corrupted = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(tmp_path / "corrupted.h5"))))
+    for (name, x), y in zip(weights(result.run_dir).items(), weights(corrupted.run_dir).values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(corrupted.best_epoch, result.best_epoch)
+    np.testing.assert_array_equal(corrupted.validation.rmse_e, result.validation.rmse_e)
+    assert corrupted.test.ensemble["rmse_e"] > 10 * result.test.ensemble["rmse_e"]
+
+
+def test_two_way_split_still_trains_with_a_warning(tmp_path):
+    s, _ = read_structures(TINY)
+    s.split = {"train": np.union1d(s.split["train"], s.split["validation"]), "test": s.split["test"]}
+    write_structures(tmp_path / "old.h5", s)
+    cfg = tiny_config(tmp_path / "run", epochs=3)
+    result = train(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(tmp_path / "old.h5"))))
+    assert "no validation split, so early stopping uses the test split" in (result.run_dir / "train.log").read_text()
+    assert result.validation_split == "test"
+    np.testing.assert_array_equal(result.validation.rmse_e, result.test.rmse_e)
+    header = (result.run_dir / "learning_curve.csv").read_text().splitlines()[1]
+    assert "validation_rmse_e_ensemble" in header
+
+
+def test_extra_test_sets_are_reported(tmp_path):
+    s, _ = read_structures(TINY)
+    extra = s.subset(np.flatnonzero(s.label == "F+CH3Cl"))
+    write_structures(tmp_path / "independent.h5", extra)
+    cfg = tiny_config(tmp_path / "run", epochs=3)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, extra_test=[str(tmp_path / "independent.h5")]))
+    result = train(cfg)
+    m = result.extra_test[str(tmp_path / "independent.h5")]
+    model, _ = load_model(result.run_dir / "model.pt")
+    expected = evaluate(model, chunks(compute_batch(extra, model.descriptor, torch.float32)), 10.9, 1.0)
+    assert m.ensemble["rmse_f"] == pytest.approx(expected.ensemble["rmse_f"], rel=1e-6)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["extra_test"][str(tmp_path / "independent.h5")]["ensemble"]["rmse_e"] == pytest.approx(m.ensemble["rmse_e"])
+    assert "independent ensemble" in format_table(result)
+    missing = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, extra_test=[str(tmp_path / "absent.h5")]))
+    with pytest.raises(DataError, match="absent.h5: no such file"):
+        train(missing)
 
 
 def whole_and_interrupted(tmp_path, monkeypatch):
@@ -232,7 +294,7 @@ def test_per_epoch_training_metrics_on_a_fixed_sample(tmp_path):
     full = train(tiny_config(tmp_path / "full", epochs=4))
     full_rows = list(csv_module.DictReader(
         line for line in (full.run_dir / "learning_curve.csv").read_text().splitlines() if not line.startswith("#")))
-    assert rows[-1]["test_rmse_e_ensemble"] == full_rows[-1]["test_rmse_e_ensemble"]
+    assert rows[-1]["validation_rmse_e_ensemble"] == full_rows[-1]["validation_rmse_e_ensemble"]
     assert rows[-1]["train_rmse_e_ensemble"] != full_rows[-1]["train_rmse_e_ensemble"]
     assert result.train.ensemble == full.train.ensemble
 
@@ -268,10 +330,20 @@ def run_directory_is_complete(run_dir):
             assert path.read_bytes()[-8:] == b"IEND\xaeB`\x82", path  # the closing IEND chunk
 
 
-def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Torch on one thread in this process (restored after), as in the subprocesses of a test that
+    sets ``training.threads: 1``: the weights do not depend on the thread count, the metrics' last
+    digits may."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path, one_thread):
     import yaml
 
-    whole = train(tiny_config(tmp_path / "whole", epochs=40, checkpoint_every=3))
+    whole = train(tiny_config(tmp_path / "whole", epochs=40, checkpoint_every=3, threads=1))
     cfg_path, killed = tmp_path / "c.yaml", tmp_path / "killed"
     cfg = yaml.safe_load((whole.run_dir / "config.yaml").read_text())
     cfg["output"]["run_dir"] = str(killed)

@@ -1,7 +1,7 @@
 """Conversion between the lmlp HDF5 layout and files ASE reads (extxyz, ASE db, ...).
 
 extxyz written here keeps every float exactly (shortest round-trip repr), and carries the
-per-structure ``charge``, ``label`` and ``split`` as info keys, so HDF5 → extxyz → HDF5 is lossless.
+per-structure ``charge``, ``label``, ``split`` and ``trajectory`` as info keys, so HDF5 → extxyz → HDF5 is lossless.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _check_xyz_frame_sizes(path: str | os.PathLike) -> None:
 
 
 def write_extxyz(path: str | os.PathLike, s: StructureSet) -> None:
-    """Write ``s`` as extended XYZ with exact floats and energy, forces, charge, label, split."""
+    """Write ``s`` as extended XYZ with exact floats and energy, forces, charge, label, split, trajectory."""
     split_of = np.full(len(s), "", dtype=object)
     for name, idx in s.split.items():
         split_of[idx] = name
@@ -94,6 +94,8 @@ def write_extxyz(path: str | os.PathLike, s: StructureSet) -> None:
             ]
             if split_of[i]:
                 info.append(f"split={split_of[i]}")
+            if s.trajectory is not None:
+                info.append(f"trajectory={int(s.trajectory[i])}")
             if s.cell is not None:
                 cell = " ".join(repr(x) for x in s.cell[i].ravel().tolist())
                 info.append(f'Lattice="{cell}"')

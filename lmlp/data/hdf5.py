@@ -18,7 +18,8 @@ Per-atom arrays are ragged: all atoms of all structures stacked, with per-struct
     /structures/label      (n,)      UTF-8    label, e.g. the reaction "F+CH3Cl"
     /structures/cell       (n, 3, 3) float64  Å           (only for periodic data)
     /structures/pbc        (n, 3)    bool                 (only for periodic data)
-    /split/<name>          (k,)      int64    sorted structure indices, e.g. train and test
+    /structures/trajectory (n,)      int64    id of the MD trajectory a structure comes from (optional)
+    /split/<name>          (k,)      int64    sorted structure indices: train, validation, test
 
 Arrays are gzip-compressed with the shuffle filter and chunked, so summaries stream through
 them without loading a whole file. ``content_hash`` is a SHA-256 over every dataset's name,
@@ -73,6 +74,8 @@ def write_structures(path: str | os.PathLike, s: StructureSet) -> None:
     if s.cell is not None:
         datasets["structures/cell"] = s.cell
         datasets["structures/pbc"] = s.pbc
+    if s.trajectory is not None:
+        datasets["structures/trajectory"] = s.trajectory
     for name, idx in s.split.items():
         datasets[f"split/{name}"] = np.sort(idx).astype(np.int64)
     with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "v110")) as f:
@@ -108,6 +111,7 @@ def read_structures(
             label=f["structures/label"].asstr()[()],
             cell=f["structures/cell"][()] if "structures/cell" in f else None,
             pbc=f["structures/pbc"][()] if "structures/pbc" in f else None,
+            trajectory=f["structures/trajectory"][()] if "structures/trajectory" in f else None,
             split={name: ds[()] for name, ds in f.get("split", {}).items()},
             attrs={k: v for k, v in _text_attrs(f).items() if k not in _LAYOUT_ATTRS},
         )
@@ -130,6 +134,7 @@ class Summary:
     max_force_norm: float
     split_sizes: dict[str, int]
     periodic: bool
+    n_trajectories: int | None = None
     attrs: dict[str, str] = field(default_factory=dict)
 
 
@@ -164,6 +169,7 @@ def summarize(path: str | os.PathLike) -> Summary:
             max_force_norm=max(f_norm),
             split_sizes={name: len(ds) for name, ds in f.get("split", {}).items()},
             periodic="structures/pbc" in f and bool(f["structures/pbc"][()].any()),
+            n_trajectories=len(np.unique(f["structures/trajectory"][()])) if "structures/trajectory" in f else None,
             attrs=_text_attrs(f),
         )
 
@@ -179,8 +185,9 @@ _LAYOUT = {  # dataset: (dtype kinds, "S" for strings; shape in N atoms and n st
     "structures/label": ("S", "n"),
     "structures/cell": ("f", "n 3 3"),
     "structures/pbc": ("b", "n 3"),
+    "structures/trajectory": ("iu", "n"),
 }
-_OPTIONAL = {"structures/cell", "structures/pbc"}
+_OPTIONAL = {"structures/cell", "structures/pbc", "structures/trajectory"}
 _KIND_NAMES = {"iu": "integers", "f": "floats", "S": "strings", "b": "booleans"}
 
 

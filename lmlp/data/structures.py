@@ -30,7 +30,10 @@ class StructureSet:
         label: (n,) str labels, e.g. the reaction ``"F+CH3Cl"``.
         cell: (n, 3, 3) float64 cell vectors in Å, or None for molecules.
         pbc: (n, 3) bool periodic directions, or None for molecules.
-        split: named structure-index arrays, e.g. ``{"train": ..., "test": ...}``.
+        trajectory: (n,) int64 id of the MD trajectory (or other sampling run) each structure
+            comes from, or None when unknown; structures of one trajectory are correlated, so
+            ``split_indices`` keeps each trajectory on one side of a split.
+        split: named structure-index arrays, e.g. ``{"train": ..., "validation": ..., "test": ...}``.
         attrs: provenance strings: method, program, program_version, command, created.
     """
 
@@ -43,6 +46,7 @@ class StructureSet:
     label: np.ndarray
     cell: np.ndarray | None = None
     pbc: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
     split: dict[str, np.ndarray] = field(default_factory=dict)
     attrs: dict[str, str] = field(default_factory=dict)
 
@@ -58,6 +62,8 @@ class StructureSet:
             self.cell = np.asarray(self.cell, dtype=np.float64).reshape(-1, 3, 3)
         if self.pbc is not None:
             self.pbc = np.asarray(self.pbc, dtype=bool).reshape(-1, 3)
+        if self.trajectory is not None:
+            self.trajectory = np.asarray(self.trajectory, dtype=np.int64)
         self.split = {k: np.asarray(v, dtype=np.int64) for k, v in self.split.items()}
 
     def __len__(self) -> int:
@@ -88,6 +94,8 @@ class StructureSet:
         )
         atoms.info["charge"] = int(self.charge[i])
         atoms.info["label"] = str(self.label[i])
+        if self.trajectory is not None:
+            atoms.info["trajectory"] = int(self.trajectory[i])
         for name, idx in self.split.items():
             if np.any(idx == i):
                 atoms.info["split"] = name
@@ -114,6 +122,7 @@ class StructureSet:
             label=self.label[indices],
             cell=None if self.cell is None else self.cell[indices],
             pbc=None if self.pbc is None else self.pbc[indices],
+            trajectory=None if self.trajectory is None else self.trajectory[indices],
             split={},
             attrs=dict(self.attrs),
         )
@@ -129,8 +138,9 @@ class StructureSet:
         """Build a set from ASE ``Atoms`` whose calculators carry energy and forces.
 
         Charge comes from ``atoms.info["charge"]`` (else ``default_charge``), the label from
-        ``atoms.info["label"]`` (else the chemical formula) and the split from
-        ``atoms.info["split"]`` when every image has one. ``source`` names the input in errors.
+        ``atoms.info["label"]`` (else the chemical formula), the split and the trajectory id from
+        ``atoms.info["split"]`` and ``atoms.info["trajectory"]`` when every image has one.
+        ``source`` names the input in errors.
         """
         where = f"{source}: " if source else ""
         energies, forces, charges = [], [], []
@@ -148,6 +158,10 @@ class StructureSet:
                 _check_split_name(name, f"{where}structure {i}")
             names = np.asarray(splits, dtype=object)
             split = {s: np.flatnonzero(names == s) for s in dict.fromkeys(splits)}
+        trajectories = [a.info.get("trajectory") for a in images]
+        trajectory = None
+        if images and all(t is not None for t in trajectories):
+            trajectory = np.asarray([_trajectory(t, f"{where}structure {i}") for i, t in enumerate(trajectories)])
         return cls(
             numbers=np.concatenate([a.numbers for a in images]) if images else np.zeros(0),
             positions=np.concatenate([a.positions for a in images]) if images else np.zeros((0, 3)),
@@ -158,6 +172,7 @@ class StructureSet:
             label=np.asarray([str(a.info.get("label", a.get_chemical_formula())) for a in images]),
             cell=np.stack([a.cell.array for a in images]) if periodic else None,
             pbc=np.stack([a.pbc for a in images]) if periodic else None,
+            trajectory=trajectory,
             split=split,
         )
 
@@ -195,6 +210,14 @@ def _charge(value: object, where: str) -> int:
     return int(number)
 
 
+def _trajectory(value: object, where: str) -> int:
+    """``value`` as a trajectory id: a non-negative whole number; else ``DataError``."""
+    number = np.asarray(value)
+    if number.shape != () or number.dtype.kind not in "iu" or int(number) < 0:
+        raise DataError(f"{where}: trajectory {reprlib.repr(value)} is not a non-negative integer")
+    return int(number)
+
+
 def _check_split_name(name: object, where: str) -> None:
     """``DataError`` unless ``name`` is text that can name the split's HDF5 dataset."""
     if not isinstance(name, str) or name in ("", ".") or "/" in name or "\0" in name:
@@ -203,7 +226,8 @@ def _check_split_name(name: object, where: str) -> None:
 
 def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> StructureSet:
     """Join structure sets in order, attrs of the first set kept. Splits are dropped, or with
-    ``keep_splits`` joined by name (renumbered); then every set must have a split."""
+    ``keep_splits`` joined by name (renumbered); then every set must have a split. Trajectory ids
+    are kept (renumbered so that the sets share none) when every set has them."""
     if not sets:
         raise DataError("nothing to concatenate")
     periodic = any(s.cell is not None for s in sets)
@@ -222,6 +246,10 @@ def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> Structur
         first = np.cumsum([0] + [len(s) for s in sets[:-1]])
         for name in dict.fromkeys(k for s in sets for k in s.split):
             split[name] = np.concatenate([s.split.get(name, np.zeros(0, np.int64)) + f for s, f in zip(sets, first)])
+    trajectory = None
+    if all(s.trajectory is not None for s in sets):
+        shifts = np.cumsum([0] + [int(s.trajectory.max(initial=-1)) + 1 for s in sets[:-1]])
+        trajectory = np.concatenate([s.trajectory + shift for s, shift in zip(sets, shifts)])
     return StructureSet(
         numbers=np.concatenate([s.numbers for s in sets]),
         positions=np.concatenate([s.positions for s in sets]),
@@ -232,30 +260,84 @@ def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> Structur
         label=np.concatenate([s.label for s in sets]),
         cell=np.concatenate([cells(s) for s in sets]) if periodic else None,
         pbc=np.concatenate([pbcs(s) for s in sets]) if periodic else None,
+        trajectory=trajectory,
         attrs=dict(sets[0].attrs),
         split=split,
     )
 
 
+SPLITS = ("train", "validation", "test")
+"""The split names lmlp trains with: fit, choose epochs and hyperparameters, report once."""
+
+
 def stratified_split(
     label: np.ndarray, test_fraction: float = 0.1, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """A seeded train/test split that takes ``test_fraction`` of every label group.
-
-    Returns sorted structure indices ``{"train": ..., "test": ...}``. Labels that occur only
-    once are pooled into one group.
-    """
+    """A seeded two-way train/test split that takes ``test_fraction`` of every label group
+    (``split_indices`` with no validation part)."""
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"test fraction must be in [0, 1), got {test_fraction}")
+    return split_indices(label, (1.0 - test_fraction, 0.0, test_fraction), seed)
+
+
+def split_indices(
+    label: np.ndarray, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """A seeded train/validation/test split, stratified by label.
+
+    Args:
+        label: (n,) structure labels; each label group contributes ``fractions`` of its
+            structures to the splits. Labels that occur only once are pooled into one group.
+        fractions: train, validation and test fractions (each >= 0, summing to 1).
+        seed: seed of the random assignment.
+        groups: (n,) ids of correlated structures (e.g. MD trajectories) that must stay on one
+            side; a group takes the label of its first structure. None: structures one by one.
+
+    Returns sorted structure indices per split name (``SPLITS``); an empty validation split is
+    left out. Per label group, the units (structures or groups) are shuffled and dealt to test,
+    then validation, then train, a unit going where the middle of its structures falls, so that
+    the structure counts come as close to the fractions as whole groups allow.
+    """
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9 or fractions[0] == 0:
+        raise DataError(f"split fractions must be three numbers >= 0 (train > 0) that sum to 1, got {list(fractions)}")
+    label = np.asarray(label, dtype=str)
+    n = len(label)
+    units = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    first = np.unique(units, return_index=True)[1]  # the first structure of every unit
+    sizes = np.bincount(units)
+    names, unit_label, counts = np.unique(label[first], return_inverse=True, return_counts=True)
+    unit_label = np.where(counts[unit_label] > 1, unit_label, len(names))
     rng = np.random.default_rng(seed)
-    names, group, counts = np.unique(np.asarray(label, dtype=str), return_inverse=True,
-                                     return_counts=True)
-    group = np.where(counts[group] > 1, group, len(names))
-    test = []
-    for g in np.unique(group):
-        members = np.flatnonzero(group == g)
-        n_test = int(round(test_fraction * len(members)))
-        test.append(rng.permutation(members)[:n_test])
-    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
-    train_idx = np.setdiff1d(np.arange(len(label)), test_idx)
-    return {"train": train_idx, "test": test_idx}
+    side = np.zeros(len(first), dtype=np.int64)  # 0 train, 1 validation, 2 test
+    bounds = np.array([fractions[2], fractions[2] + fractions[1]])
+    for g in np.unique(unit_label):
+        members = rng.permutation(np.flatnonzero(unit_label == g))
+        total = sizes[members].sum()
+        if groups is None:
+            n_test, n_val = (int(round(f * total)) for f in fractions[:0:-1])
+            rank = np.arange(len(members))
+            side[members] = np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0))
+        else:
+            middle = np.cumsum(sizes[members]) - sizes[members] / 2
+            side[members] = np.where(middle < bounds[0] * total, 2, np.where(middle < bounds[1] * total, 1, 0))
+    structure_side = side[units]
+    split = {name: np.flatnonzero(structure_side == k) for k, name in ((0, "train"), (1, "validation"), (2, "test"))}
+    if not len(split["validation"]):
+        del split["validation"]
+    return split
+
+
+def resplit(s: StructureSet, by: str = "trajectory", fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+            seed: int = 0) -> StructureSet:
+    """``s`` with a new stored split, stratified by label: whole trajectories (``by="trajectory"``,
+    needs ``s.trajectory``) or single structures (``by="random"``) dealt to train, validation and test."""
+    if by not in ("trajectory", "random"):
+        raise DataError(f"split by {by!r}: expected 'trajectory' or 'random'")
+    if by == "trajectory" and s.trajectory is None:
+        raise DataError("the structures have no trajectory ids (/structures/trajectory), so they cannot be "
+                        "split by trajectory; split with by='random' (--by random), or regenerate the data")
+    split = split_indices(s.label, fractions, seed, s.trajectory if by == "trajectory" else None)
+    described = "/".join(f"{f:g}" for f in fractions)
+    return replace(s, split=split, attrs={**s.attrs, "split": f"by {by}, train/validation/test {described}, seed {seed}"})

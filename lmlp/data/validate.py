@@ -55,13 +55,15 @@ def check_arrays(s: StructureSet, source: str) -> None:
             raise DataError(f"{source}: {name} has {len(getattr(s, name))} entries, expected {n} structures")
     if (s.cell is None) != (s.pbc is None):
         raise DataError(f"{source}: cell and pbc must be given together")
-    for name in ("cell", "pbc"):
+    for name in ("cell", "pbc", "trajectory"):
         value = getattr(s, name)
         if value is not None and len(value) != n:
             raise DataError(f"{source}: {name} has {len(value)} entries, expected {n} structures")
     for name, idx in s.split.items():
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise DataError(f"{source}: split {name!r} has indices outside 0..{n - 1}")
+    if s.trajectory is not None and s.trajectory.size and s.trajectory.min() < 0:
+        raise DataError(f"{source}: trajectory ids must be >= 0")
 
 
 def find_problems(s: StructureSet) -> list[Problem]:

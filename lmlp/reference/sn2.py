@@ -44,6 +44,8 @@ from ase.calculators.calculator import CalculationFailed, Calculator, all_change
 from ase.constraints import FixCom
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary
+from ase.constraints import FixBondLength
+from ase.optimize import BFGS
 
 try:  # ASE >= 3.29
     from ase.md.velocitydistribution import thermalize_momenta
@@ -51,7 +53,7 @@ except ImportError:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 from lmlp.data.hdf5 import read_structures, write_structures
-from lmlp.data.structures import StructureSet, concatenate, stratified_split
+from lmlp.data.structures import StructureSet, concatenate, split_indices
 from lmlp.errors import LmlpError
 from lmlp.reference.labellers import XTBCalculator, get_labeller, label_structures
 
@@ -74,7 +76,8 @@ UMBRELLA_ANGLE = 108.5
 """H–C–Y angle of the reactant (H–C–X of the product), degrees."""
 N_SEPARATED = 6
 N_PATH = 13
-TEST_FRACTION = 0.1
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+"""Train, validation and test fractions of the stored split, dealt by whole trajectory per reaction."""
 
 _C, _X, _Y = 0, 4, 5
 
@@ -282,10 +285,141 @@ def _sample_windows(
             calc = RestrainedCalculator(calc, [[_C, _X], [_C, _Y]], [window.r_cx, window.r_cy],
                                         protocol.restraint_k)
         start = build_geometry(x, y, window.r_cx, window.r_cy, window.progress)
+        start.info["trajectory"] = (r_index * len(windows) + w) * len(temperatures) + t
         kept, failed = run_trajectory(start, calc, temperatures[t], int(n), protocol, rng)
         frames += kept
         n_failed += failed
     return frames, n_failed
+
+
+INDEPENDENT_TEMPERATURES = (500.0, 750.0, 1000.0)
+"""Temperatures (K) of the independent set's unrestrained MD from the transition-state region."""
+INDEPENDENT_SIGMA = (0.05, 0.1)
+"""Range of the Gaussian displacement widths (Å per Cartesian component) of the displaced copies."""
+INDEPENDENT_SHARES = (0.2, 0.4, 0.4)
+"""Shares of a reaction's structures from the relaxed scan, displaced copies and hot MD."""
+_INDEPENDENT_KEY = 1000
+"""Offset of the independent protocol's random-stream keys (window indices stay below it)."""
+
+
+@dataclass(frozen=True)
+class IndependentProtocol:
+    """Sampling of the independent SN2 test set, unlike the training set's restrained MD.
+
+    Per reaction: a relaxed scan along the C–X distance (C–X held fixed by a constraint, all
+    else relaxed with BFGS to ``fmax``, from the reactant complex through the transition state to
+    the product), thermally displaced copies of the scan points (every coordinate moved by a
+    Gaussian of width σ drawn from ``INDEPENDENT_SIGMA``), and unrestrained Langevin MD at
+    ``INDEPENDENT_TEMPERATURES`` started at the scan's transition-state point, frames ``stride`` steps
+    apart after ``equilibration`` steps.
+    """
+
+    fmax: float = 0.05
+    max_steps: int = 300
+    timestep: float = 0.5
+    friction: float = 0.01
+    equilibration: int = 10
+    stride: int = 10
+
+    def describe(self, seed: int) -> str:
+        """One line for the ``sampling`` provenance attribute."""
+        temps = "/".join(f"{t:g}" for t in INDEPENDENT_TEMPERATURES)
+        shares = "/".join(f"{s:g}" for s in INDEPENDENT_SHARES)
+        return (
+            f"independent protocol: GFN2-xTB (tblite) relaxed scan along C-X (BFGS to fmax {self.fmax:g} eV/A), "
+            f"displaced copies of the scan points (sigma {INDEPENDENT_SIGMA[0]:g}-{INDEPENDENT_SIGMA[1]:g} A), "
+            f"unrestrained Langevin MD from the scan's transition-state point at T = {temps} K ({self.timestep:g} fs steps, "
+            f"friction {self.friction:g}/fs, every {self.stride}th step after {self.equilibration}); "
+            f"shares {shares}; seed {seed}"
+        )
+
+
+def sample_independent(reaction: str, n_frames: int, seed: int,
+                       protocol: IndependentProtocol = IndependentProtocol()) -> tuple[list[Atoms], int]:
+    """About ``n_frames`` structures of ``reaction`` by the ``IndependentProtocol``.
+
+    Random streams are keyed by ``seed``, the reaction and the part, disjoint from the training
+    protocol's windows. Trajectory ids: the scan and its displaced copies are one trajectory, each
+    MD run another. Returns the frames and the number of failed scan points or trajectories.
+    """
+    with threadpool_limits(limits=1):
+        x, y = parse_reaction(reaction)
+        r_index = REACTIONS.index(reaction)
+        n_scan, n_displaced, n_md = _independent_counts(n_frames)
+        scan, n_failed = relaxed_scan(x, y, n_scan, protocol)
+        first_id = (r_index + len(REACTIONS)) * 10_000
+        for atoms in scan:
+            atoms.info["trajectory"] = first_id
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(r_index, _INDEPENDENT_KEY, 0)))
+        displaced = [_displaced(scan[k % len(scan)], rng) for k in range(n_displaced)] if scan else []
+        frames = scan + displaced
+        if not scan:
+            return frames, n_failed
+        top = _barrier_top(scan, x)
+        md = SamplingProtocol(timestep=protocol.timestep, friction=protocol.friction,
+                              equilibration=protocol.equilibration, stride=protocol.stride)
+        for t, n in enumerate(_spread(n_md, len(INDEPENDENT_TEMPERATURES))):
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(r_index, _INDEPENDENT_KEY + 1 + t, 0)))
+            start = Atoms(top.numbers, positions=top.positions, info={**_plain_info(top), "trajectory": first_id + 1 + t})
+            kept, failed = run_trajectory(start, XTBCalculator(CHARGE), INDEPENDENT_TEMPERATURES[t], int(n), md, rng)
+            frames += kept
+            n_failed += failed
+        for atoms in frames:
+            atoms.info.pop("scan_energy", None)
+        return frames, n_failed
+
+
+def _independent_counts(n_frames: int) -> tuple[int, int, int]:
+    """Scan points (at least 3), displaced copies and MD frames of one reaction."""
+    n_scan = max(3, int(round(INDEPENDENT_SHARES[0] * n_frames)))
+    n_displaced = int(round(INDEPENDENT_SHARES[1] * n_frames))
+    return n_scan, n_displaced, max(0, n_frames - n_scan - n_displaced)
+
+
+def relaxed_scan(x: str, y: str, n_points: int, protocol: IndependentProtocol) -> tuple[list[Atoms], int]:
+    """GFN2-xTB geometries along C–X from 1.5 Å beyond the reactant complex to 0.1 Å inside the
+    C–X bond, C–X fixed and the rest relaxed, each point started from the previous one.
+
+    Returns the relaxed points (``info["scan_energy"]``: xTB energy, eV) and the number of
+    points whose calculation failed (left out).
+    """
+    atoms = build_geometry(x, y, COMPLEX[x] + 1.5, BOND[y], 0.0)
+    points: list[Atoms] = []
+    n_failed = 0
+    for r_cx in np.linspace(COMPLEX[x] + 1.5, BOND[x] - 0.1, n_points):
+        atoms.set_constraint()
+        atoms.set_distance(_C, _X, float(r_cx), fix=0)
+        atoms.set_constraint(FixBondLength(_C, _X))
+        atoms.calc = XTBCalculator(CHARGE)
+        try:
+            BFGS(atoms, logfile=None).run(fmax=protocol.fmax, steps=protocol.max_steps)
+            energy = atoms.get_potential_energy()
+        except CalculationFailed:
+            n_failed += 1
+            atoms = points[-1].copy() if points else build_geometry(x, y, float(r_cx), BOND[y], 0.0)
+            continue
+        points.append(Atoms(atoms.numbers, positions=atoms.positions,
+                            info={**_plain_info(atoms), "scan_energy": float(energy)}))
+    return points, n_failed
+
+
+def _barrier_top(scan: list[Atoms], x: str) -> Atoms:
+    """The highest scan point between the reactant complex and the C–X bond (the approximate
+    transition state; for a submerged barrier the separated reactants lie higher), else the last."""
+    inside = [a for a in scan if BOND[x] < a.get_distance(_C, _X) < COMPLEX[x]] or scan[-1:]
+    return max(inside, key=lambda a: a.info["scan_energy"])
+
+
+def _plain_info(atoms: Atoms) -> dict:
+    """The charge and label of ``atoms.info``."""
+    return {"charge": atoms.info["charge"], "label": atoms.info["label"]}
+
+
+def _displaced(atoms: Atoms, rng: np.random.Generator) -> Atoms:
+    """A copy of ``atoms`` with every coordinate moved by a Gaussian of width σ ~ U(INDEPENDENT_SIGMA), Å."""
+    sigma = rng.uniform(*INDEPENDENT_SIGMA)
+    return Atoms(atoms.numbers, positions=atoms.positions + rng.normal(0.0, sigma, atoms.positions.shape),
+                 info=dict(atoms.info))
 
 
 def _jittered(windows: list[Window], w: int, rng: np.random.Generator) -> Window:
@@ -316,6 +450,7 @@ class _Chunk:
     path: Path
     settings: dict[str, str]
     progress: bool
+    sampling: str = "md"
 
 
 def _make_part(chunk: _Chunk) -> str:
@@ -324,9 +459,12 @@ def _make_part(chunk: _Chunk) -> str:
     Labelling runs single-threaded (OpenMP, BLAS) in-process as in workers, so the labels do
     not depend on the worker count (threaded reductions in tblite change the round-off).
     """
-    images, n_failed_sampling = sample_reaction(
-        chunk.reaction, chunk.n_structures, chunk.seed, chunk.temperatures, chunk.protocol
-    )
+    if chunk.sampling == "independent":
+        images, n_failed_sampling = sample_independent(chunk.reaction, chunk.n_structures, chunk.seed)
+    else:
+        images, n_failed_sampling = sample_reaction(
+            chunk.reaction, chunk.n_structures, chunk.seed, chunk.temperatures, chunk.protocol
+        )
     with threadpool_limits(limits=1):
         labelled, failed = label_structures(images, get_labeller(chunk.method), chunk.progress)
     part = StructureSet.from_atoms(labelled, default_charge=CHARGE)
@@ -424,6 +562,7 @@ def generate_sn2(
     command: str = "",
     progress: bool = False,
     protocol: SamplingProtocol = SamplingProtocol(),
+    sampling: str = "md",
 ) -> GenerationReport:
     """Sample, label and write the SN2 data set to ``out`` (HDF5), resumably.
 
@@ -431,7 +570,7 @@ def generate_sn2(
         out: output file; parts go to ``<out>.parts/<reaction>.h5`` and are removed at the end.
         n_structures: budget for all 16 reactions, spread evenly over reactions, windows and
             temperatures (failed trajectories and labels make the result a little smaller).
-        seed: seeds the MD of every (reaction, window, temperature) and the train/test split.
+        seed: seeds the MD of every (reaction, window, temperature) and the stored split.
         method: labeller of the stored energies and forces, ``"gfn2-xtb"`` or ``"pyscf"``;
             the MD sampling always uses GFN2-xTB.
         workers: processes, one reaction each at a time (1: in this process).
@@ -441,22 +580,29 @@ def generate_sn2(
         command: how the file was made, stored as provenance.
         progress: print a line per finished reaction (and labelling progress) on stderr.
         protocol: MD settings of every window.
+        sampling: ``"md"``, the training protocol (restrained MD windows along the path,
+            ``temperatures``, ``protocol``), or ``"independent"``, the ``IndependentProtocol``
+            of a test set made differently (relaxed scans, displaced copies, hot MD).
 
-    A restarted run keeps the parts that exist (they must come from the same settings). The
-    output holds a 90/10 train/test split, stratified per reaction, and provenance attributes
-    method, program, program_version, sampling, command and created.
+    A restarted run keeps the parts that exist (they must come from the same settings). Every
+    structure records its trajectory id. The ``"md"`` output holds a train/validation/test split
+    (``SPLIT_FRACTIONS``) dealt by whole trajectory, stratified per reaction; the
+    ``"independent"`` output is all test. Provenance attributes: method, program,
+    program_version, sampling, command and created.
     """
     out = Path(out)
     chosen = _check_arguments(n_structures, seed, workers, temperatures, reactions)
+    if sampling not in ("md", "independent"):
+        raise LmlpError(f"sampling protocol {sampling!r}: expected 'md' or 'independent'")
     labeller = get_labeller(method)
     parts = out.with_name(out.name + ".parts")
     temps = tuple(float(t) for t in temperatures)
-    settings = {"method": labeller.method, "sampling": protocol.describe(temps, seed),
-                "n_structures": str(n_structures)}
+    described = protocol.describe(temps, seed) if sampling == "md" else IndependentProtocol().describe(seed)
+    settings = {"method": labeller.method, "sampling": described, "n_structures": str(n_structures)}
     share = _spread(n_structures, len(REACTIONS))
     chunks = [
         _Chunk(r, int(share[REACTIONS.index(r)]), seed, method, temps, protocol,
-               parts / f"{r}.h5", settings, progress)
+               parts / f"{r}.h5", settings, progress, sampling)
         for r in chosen
     ]
     _make_parts(chunks, workers, progress)
@@ -465,7 +611,8 @@ def generate_sn2(
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     merged = replace(
         merged,
-        split=stratified_split(merged.label, TEST_FRACTION, seed),
+        split=(split_indices(merged.label, SPLIT_FRACTIONS, seed, merged.trajectory) if sampling == "md"
+               else {"test": np.arange(len(merged))}),
         attrs={"method": labeller.method, "program": labeller.program,
                "program_version": labeller.program_version, "sampling": settings["sampling"],
                "command": command, "created": created},

@@ -93,3 +93,15 @@ def test_summary_streams_in_blocks(tmp_path, molecules, monkeypatch):
     assert s.max_force_norm == pytest.approx(np.linalg.norm(molecules.forces, axis=1).max())
     assert s.split_sizes == {k: len(v) for k, v in molecules.split.items()}
     assert sum(s.labels.values()) == len(molecules)
+
+
+def test_trajectory_ids_round_trip_and_are_counted(tmp_path, molecules):
+    molecules.trajectory = np.arange(len(molecules)) // 4
+    write_structures(tmp_path / "m.h5", molecules)
+    back, _ = read_structures(tmp_path / "m.h5")
+    np.testing.assert_array_equal(back.trajectory, molecules.trajectory)
+    assert summarize(tmp_path / "m.h5").n_trajectories == len(np.unique(molecules.trajectory))
+    molecules.trajectory = None
+    write_structures(tmp_path / "n.h5", molecules)
+    assert read_structures(tmp_path / "n.h5")[0].trajectory is None
+    assert summarize(tmp_path / "n.h5").n_trajectories is None

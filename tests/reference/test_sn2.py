@@ -58,7 +58,9 @@ def assert_same(a: StructureSet, b: StructureSet) -> None:
     np.testing.assert_array_equal(a.positions, b.positions)
     np.testing.assert_array_equal(a.energy, b.energy)
     np.testing.assert_array_equal(a.label, b.label)
-    for name in ("train", "test"):
+    np.testing.assert_array_equal(a.trajectory, b.trajectory)
+    assert sorted(a.split) == sorted(b.split)
+    for name in a.split:
         np.testing.assert_array_equal(a.split[name], b.split[name])
 
 
@@ -87,14 +89,49 @@ def test_provenance_is_stored(serial):
 
 
 @needs_tblite
-def test_split_is_90_10_per_reaction_disjoint_and_complete(serial):
+def test_split_is_80_10_10_per_reaction_by_whole_trajectory(serial):
     _, s = serial
-    train, test = s.split["train"], s.split["test"]
-    assert np.intersect1d(train, test).size == 0
-    np.testing.assert_array_equal(np.union1d(train, test), np.arange(len(s)))
+    sides = [s.split[name] for name in ("train", "validation", "test")]
+    np.testing.assert_array_equal(np.sort(np.concatenate(sides)), np.arange(len(s)))
     for reaction in REACTIONS:
         members = np.flatnonzero(s.label == reaction)
-        assert np.isin(members, test).sum() == round(0.1 * len(members))
+        assert np.isin(members, s.split["test"]).sum() == round(0.1 * len(members))
+        assert np.isin(members, s.split["validation"]).sum() == round(0.1 * len(members))
+    for trajectory in np.unique(s.trajectory):
+        frames = np.flatnonzero(s.trajectory == trajectory)
+        assert sum(np.isin(frames, side).any() for side in sides) == 1
+
+
+@needs_tblite
+def test_trajectory_ids_follow_the_md_runs():
+    frames, _ = sample_reaction("F+CH3Cl", 200, 0, (300.0,), FAST)
+    ids = np.array([a.info["trajectory"] for a in frames])
+    assert len(np.unique(ids)) == 27  # one per window at one temperature
+    assert np.all(np.diff(ids) >= 0)  # frames of one trajectory are consecutive
+
+
+@needs_tblite
+def test_independent_protocol_is_reproducible_and_all_test(tmp_path):
+    options = dict(n_structures=16 * 10, reactions=["Cl+CH3Br"], sampling="independent", seed=7, command="pytest")
+    generate_sn2(tmp_path / "a.h5", **options)
+    generate_sn2(tmp_path / "b.h5", **options)
+    a, b = read_structures(tmp_path / "a.h5")[0], read_structures(tmp_path / "b.h5")[0]
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.energy, b.energy)
+    np.testing.assert_array_equal(a.trajectory, b.trajectory)
+    assert len(a) == 10 and set(a.split) == {"test"} and len(a.split["test"]) == 10
+    assert a.attrs["sampling"].startswith("independent protocol") and a.attrs["sampling"].endswith("seed 7")
+    r_cx = np.linalg.norm(a.positions[4::6] - a.positions[0::6], axis=1)
+    assert r_cx.max() - r_cx.min() > 2.0  # the scan runs from beyond the complex into the C–Cl bond
+
+
+@needs_tblite
+def test_relaxed_scan_holds_c_x_and_relaxes_the_rest():
+    points, failed = sn2.relaxed_scan("F", "Cl", 4, sn2.IndependentProtocol())
+    assert failed == 0 and len(points) == 4
+    targets = np.linspace(sn2.COMPLEX["F"] + 1.5, sn2.BOND["F"] - 0.1, 4)
+    np.testing.assert_allclose([p.get_distance(0, 4) for p in points], targets, atol=1e-6)
+    assert points[-1].get_distance(0, 5) > points[0].get_distance(0, 5) + 0.8  # Cl⁻ has left
 
 
 @needs_tblite
