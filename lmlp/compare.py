@@ -87,6 +87,7 @@ class RunSummary:
     epochs_to_target_e: float | None
     epochs_to_target_f: float | None
     initial_weights: str
+    curve_epochs: list[int]
     curve_e: list[tuple[float, float]]
     curve_f: list[tuple[float, float]]
 
@@ -215,7 +216,8 @@ def summarize_run(run_cfg: Config, variant: VariantConfig, lr: float) -> RunSumm
     seeds = len(metrics["test"]["members"]["rmse_e"])
     e = np.array([[r[f"validation_rmse_e_m{k}"] for k in range(seeds)] for r in rows])  # (epochs, seeds)
     f = np.array([[r[f"validation_rmse_f_m{k}"] for k in range(seeds)] for r in rows])
-    best = np.clip(np.array(metrics["best_epoch"]) - int(rows[0]["epoch"]), 0, None)  # 0: never improved
+    epochs = np.array([r["epoch"] for r in rows])
+    best = np.searchsorted(epochs, np.array(metrics["best_epoch"]))  # its row; 0 (never improved): the first
     final_e, final_f = np.array(metrics["test"]["members"]["rmse_e"]), np.array(metrics["test"]["members"]["rmse_f"])
     val_e = np.array(metrics["validation"]["members"]["rmse_e"])
     val_f = np.array(metrics["validation"]["members"]["rmse_f"])
@@ -225,11 +227,11 @@ def summarize_run(run_cfg: Config, variant: VariantConfig, lr: float) -> RunSumm
         final_e=_mean_std(final_e), final_f=_mean_std(final_f),
         smooth_e=_mean_std(e[best].ravel()), smooth_f=_mean_std(f[best].ravel()),
         validation_loss=float(np.mean(q**2 * (val_e / 1e3) ** 2 + w_f * (val_f / 1e3) ** 2)),
-        seconds_per_epoch=metrics["wall_time_s"] / len(rows),
+        seconds_per_epoch=metrics["wall_time_s"] / epochs[-1],
         epochs_to_target_e=_epochs_to(e, run_cfg.compare.target_rmse_e, rows),
         epochs_to_target_f=_epochs_to(f, run_cfg.compare.target_rmse_f, rows),
         initial_weights=info["initial_weights_sha256"],
-        curve_e=[_mean_std(x) for x in e], curve_f=[_mean_std(x) for x in f],
+        curve_epochs=epochs.astype(int).tolist(), curve_e=[_mean_std(x) for x in e], curve_f=[_mean_std(x) for x in f],
     )
 
 
@@ -275,7 +277,7 @@ def write_outputs(c: Comparison, cfg: Config, grid: bool) -> None:
         from lmlp.plots import plot_accuracy_scores, plot_comparison_curves
 
         plot_accuracy_scores([s.variant for s in c.runs], c.a, c.da, c.out / "accuracy_scores.png")
-        plot_comparison_curves({s.variant: (s.curve_e, s.curve_f) for s in c.runs[:4]}, c.out / "validation_rmse.png")
+        plot_comparison_curves({s.variant: (s.curve_epochs, s.curve_e, s.curve_f) for s in c.runs[:4]}, c.out / "validation_rmse.png")
     print(table, flush=True)
 
 

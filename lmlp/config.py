@@ -90,9 +90,14 @@ class DescriptorConfig:
     """f_c(r) = ½[cos(π r/R_c) + 1] inside R_c."""
     radial_types: list[int] = _field([0, 1, 2], ge=0, le=6, unique=True)
     """Element weight types t (0..6) of the radial functions."""
-    radial_eta: list[float] = _field([4.0] * 8 + [1.0] * 6, gt=0)
-    """Gaussian widths η, Å⁻²; paired element by element with ``radial_rs``."""
-    radial_rs: list[float] = _field([0.8, 1.5, 2.2, 2.9, 3.6, 4.3, 5.0, 5.7, 6.5, 7.5, 8.5, 9.5, 10.5, 11.5], ge=0)
+    radial_eta: list[float] = _field([16.0] * 10 + [4.0] * 8 + [1.0] * 6, gt=0)
+    """Gaussian widths η, Å⁻²; paired element by element with ``radial_rs``. Default: 10 narrow
+    shells (0.18 Å wide) over the bond and transition-state range 0.9–2.7 Å, 8 of 0.35 Å to 5.7 Å,
+    6 wide ones for the ion–molecule range (docs/accuracy.md: the narrow shells halve the force
+    error on displaced structures)."""
+    radial_rs: list[float] = _field([0.9, 1.1, 1.3, 1.5, 1.7, 1.9, 2.1, 2.3, 2.5, 2.7,
+                                     0.8, 1.5, 2.2, 2.9, 3.6, 4.3, 5.0, 5.7,
+                                     6.5, 7.5, 8.5, 9.5, 10.5, 11.5], ge=0)
     """Gaussian centres r_s, Å; as many as ``radial_eta``."""
     angular_types: list[int] = _field([0, 1, 2], ge=0, le=6, unique=True)
     """Element weight types t (0..6) of the angular functions."""
@@ -218,6 +223,10 @@ class TrainingConfig:
     early_stopping: bool = True
     """Keep each member's epoch of minimal validation loss as the final model (files without a
     validation split: test loss, with a warning)."""
+    validation_every: int = _field(1, ge=1)
+    """Evaluate the validation (and per-epoch training) metrics every this many epochs, and the
+    first and last; early stopping chooses among those epochs. Larger values leave more of the
+    time to the optimizer steps."""
     train_metrics_sample: int | None = _field(None, ge=1)
     """Per-epoch training metrics on this many training structures (a fixed random sample drawn
     with ``seed``); null: on all of them. The final metrics always use every structure."""

@@ -73,16 +73,15 @@ def plot_accuracy_scores(names: list[str], a: np.ndarray, da: np.ndarray, path: 
     _save(fig, path)
 
 
-def plot_comparison_curves(curves: dict[str, tuple[list, list]], path: Path) -> None:
+def plot_comparison_curves(curves: dict[str, tuple[list, list, list]], path: Path) -> None:
     """Validation RMSE of E and F versus epoch, mean over seeds with a ± std band, per variant (seed paper Fig. 5).
 
-    ``curves`` maps a variant name to its (E, F) lists of per-epoch (mean, std).
+    ``curves`` maps a variant name to its validated epochs and the (E, F) lists of their (mean, std).
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for name, series in curves.items():
+    for name, (epochs, *series) in curves.items():
         for ax, values in zip(axes, series):
             mean, std = np.array(values).T
-            epochs = np.arange(1, len(mean) + 1)
             ax.plot(epochs, mean, lw=1.5, label=name)
             ax.fill_between(epochs, np.maximum(mean - std, 0.05 * mean), mean + std, alpha=0.25)
     for ax, label in zip(axes, ("validation RMSE E / meV/atom", "validation RMSE F / meV/Å")):

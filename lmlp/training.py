@@ -106,9 +106,11 @@ class RunLog:
             else:
                 self.bar.write(message)
 
-    def epoch(self, validation: Metrics) -> None:
-        self.bar.set_postfix_str(f"validation E {validation.ensemble['rmse_e']:.2f} meV/atom, "
-                                 f"F {validation.ensemble['rmse_f']:.1f} meV/Å", refresh=False)
+    def epoch(self, validation: Metrics | None) -> None:
+        """One epoch done; ``validation``: its validation metrics, if it was evaluated."""
+        if validation is not None:
+            self.bar.set_postfix_str(f"validation E {validation.ensemble['rmse_e']:.2f} meV/atom, "
+                                     f"F {validation.ensemble['rmse_f']:.1f} meV/Å", refresh=False)
         self.bar.update()
 
     def close(self) -> None:
@@ -309,27 +311,31 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         gather = partial(workers.gather_members, total=members)
         good = _Snapshot.take(model, optimizer, selection)
         for epoch in range(first_epoch, cfg.training.epochs + 1):
+            validate = epoch % cfg.training.validation_every == 0 or epoch in (1, cfg.training.epochs)
             for attempt in range(cfg.training.divergence_retries + 1):
                 finite = _fit_epoch(cfg, model, optimizer, selection, train_cache, epoch, data.split["train"], log,
                                     gather)
-                train_m = evaluate(model, monitor, q, w_f, gather)
-                val_m = evaluate(model, validation_cache, q, w_f, gather)
-                finite &= np.isfinite(train_m.loss) & np.isfinite(val_m.loss)
+                if validate:
+                    train_m = evaluate(model, monitor, q, w_f, gather)
+                    val_m = evaluate(model, validation_cache, q, w_f, gather)
+                    finite &= np.isfinite(train_m.loss) & np.isfinite(val_m.loss)
                 if finite.all():
                     break
                 _diverged(cfg, epoch, attempt, finite, log)
                 good.restore(model, optimizer, selection, cfg.training.divergence_factor)
             good = _Snapshot.take(model, optimizer, selection)
-            improved = val_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
-            best_loss = np.where(improved, val_m.loss, best_loss)
-            best_epoch = np.where(improved, epoch, best_epoch)
-            _keep_best(model, best_state, improved[workers.share(members)])
-            rows.append(_curve_row(epoch, train_m, val_m))
-            log.epoch(val_m)
-            if epoch % max(1, cfg.training.epochs // 20) == 0 or epoch == 1:
-                log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble {validation_split} RMSE "
-                    f"E {val_m.ensemble['rmse_e']:.2f} meV/atom, F {val_m.ensemble['rmse_f']:.1f} meV/Å",
-                    echo=cfg.output.progress)
+            log.epoch(val_m if validate else None)
+            if validate:
+                improved = val_m.loss < best_loss if cfg.training.early_stopping else np.ones_like(best_loss, bool)
+                best_loss = np.where(improved, val_m.loss, best_loss)
+                best_epoch = np.where(improved, epoch, best_epoch)
+                _keep_best(model, best_state, improved[workers.share(members)])
+                rows.append(_curve_row(epoch, train_m, val_m))
+                step = max(1, cfg.training.epochs // 20)  # a line for the first validated epoch of every 5 %
+                if epoch == 1 or epoch // step != (epoch - cfg.training.validation_every) // step:
+                    log(f"epoch {epoch:5d}/{cfg.training.epochs}  ensemble {validation_split} RMSE "
+                        f"E {val_m.ensemble['rmse_e']:.2f} meV/atom, F {val_m.ensemble['rmse_f']:.1f} meV/Å",
+                        echo=cfg.output.progress)
             if epoch % cfg.training.checkpoint_every == 0 or epoch == cfg.training.epochs:
                 whole_best = _on_cpu(workers.gather_state(best_state, member_keys, members))
                 whole_model = _on_cpu(workers.gather_state(model.state_dict(), member_keys, members))

@@ -36,7 +36,11 @@ def test_shipped_full_config_is_the_published_protocol():
     assert cfg.ensemble.members == 10 and cfg.selection.fit_fraction == 0.1
     assert cfg.training.epochs == 2000
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.params) == ("core", 1e-2, {"p_frozen": 0.1})
-    assert cfg.descriptor.n_functions() == 102 and cfg.descriptor.cutoff == 12.0
+    assert cfg.descriptor.n_functions() == 132 and cfg.descriptor.cutoff == 12.0
+    assert (cfg.training.steps_per_epoch, cfg.training.validation_every) == (2, 5)
+    assert cfg.descriptor == DescriptorConfig()  # configs that leave it out get the same descriptor
+    for name in ("sn2-fcl.yaml", "sn2-continued.yaml"):
+        assert load_config(CONFIGS / name).training.steps_per_epoch == 2
     assert cfg.run_dir == Path("runs/sn2")
 
 
@@ -47,16 +51,16 @@ def test_shipped_quick_config_loads():
     assert cfg.optimizer == load_config(CONFIGS / "sn2.yaml").optimizer
 
 
-def test_default_descriptor_has_42_radial_and_60_angular_functions():
+def test_default_descriptor_has_72_radial_and_60_angular_functions():
     d = DescriptorConfig()
-    assert len(d.radial_types) * len(d.radial_eta) == 42
-    assert d.n_functions() == 102
-    assert DescriptorConfig(angular_types=[0], angular_pair_weights=["difference"]).n_functions() == 42
+    assert len(d.radial_types) * len(d.radial_eta) == 72
+    assert d.n_functions() == 132
+    assert DescriptorConfig(angular_types=[0], angular_pair_weights=["difference"]).n_functions() == 72
 
 
 def test_plain_acsf_count_depends_on_elements():
     d = DescriptorConfig(kind="acsf")
-    assert d.n_functions(n_elements=2) == 14 * 2 + 12 * 3
+    assert d.n_functions(n_elements=2) == 24 * 2 + 12 * 3
     with pytest.raises(ValueError):
         d.n_functions()
 
@@ -158,7 +162,7 @@ def test_selection_weights_must_be_ordered():
 
 def test_radial_lists_must_pair_up():
     message = rejected({"descriptor": {"radial_rs": [1.0, 2.0]}})
-    assert "descriptor.radial_rs: got [1.0, 2.0], expected 14 values, one per radial_eta" in message
+    assert "descriptor.radial_rs: got [1.0, 2.0], expected 24 values, one per radial_eta" in message
 
 
 def test_repeated_list_entries_are_rejected():

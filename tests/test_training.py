@@ -426,3 +426,28 @@ def test_a_hopeless_divergence_ends_with_an_error_and_no_nan_files(tmp_path):
         train(cfg)
     saved = load_checked(tmp_path / "run" / "checkpoint_last.pt", "checkpoint")
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_validating_every_few_epochs_changes_only_which_epochs_are_candidates(tmp_path):
+    every = train(tiny_config(tmp_path / "every", epochs=10, early_stopping=False))
+    sparse = train(tiny_config(tmp_path / "sparse", epochs=10, early_stopping=False, validation_every=3))
+    for (name, x), y in zip(weights(every.run_dir).items(), weights(sparse.run_dir).values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    with open(sparse.run_dir / "learning_curve.csv") as fh:
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    assert [int(r["epoch"]) for r in rows] == [1, 3, 6, 9, 10]
+    stopped = train(tiny_config(tmp_path / "stopped", epochs=10, validation_every=3))
+    assert set(stopped.best_epoch.tolist()) <= {1, 3, 6, 9, 10}
+
+
+def test_evaluate_reports_the_uncertainty_calibration(run, tmp_path):
+    _, result = run
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "lmlp", "evaluate", str(result.run_dir / "model.pt"), str(TINY),
+                           "--uncertainty", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Spearman" in done.stdout
+    calibration = json.loads(out.read_text())["uncertainty"]
+    _, metadata = load_model(result.run_dir / "model.pt")
+    assert calibration["forces"]["reference_rmse"] == pytest.approx(metadata["test_ensemble"]["rmse_f"])
+    assert -1 <= calibration["energy"]["spearman"] <= 1 and calibration["n_structures"] == 200

@@ -227,7 +227,8 @@ def _check_split_name(name: object, where: str) -> None:
 def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> StructureSet:
     """Join structure sets in order, attrs of the first set kept. Splits are dropped, or with
     ``keep_splits`` joined by name (renumbered); then every set must have a split. Trajectory ids
-    are kept (renumbered so that the sets share none) when every set has them."""
+    are kept when every set has them, as they are if the sets share none, else shifted so that
+    they share none."""
     if not sets:
         raise DataError("nothing to concatenate")
     periodic = any(s.cell is not None for s in sets)
@@ -248,7 +249,9 @@ def concatenate(sets: list[StructureSet], keep_splits: bool = False) -> Structur
             split[name] = np.concatenate([s.split.get(name, np.zeros(0, np.int64)) + f for s, f in zip(sets, first)])
     trajectory = None
     if all(s.trajectory is not None for s in sets):
-        shifts = np.cumsum([0] + [int(s.trajectory.max(initial=-1)) + 1 for s in sets[:-1]])
+        ids = [np.unique(s.trajectory) for s in sets]
+        disjoint = len(np.unique(np.concatenate(ids))) == sum(map(len, ids))
+        shifts = [0] * len(sets) if disjoint else np.cumsum([0] + [int(s.trajectory.max(initial=-1)) + 1 for s in sets[:-1]])
         trajectory = np.concatenate([s.trajectory + shift for s, shift in zip(sets, shifts)])
     return StructureSet(
         numbers=np.concatenate([s.numbers for s in sets]),

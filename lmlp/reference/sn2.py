@@ -295,9 +295,12 @@ def _sample_windows(
 INDEPENDENT_TEMPERATURES = (500.0, 750.0, 1000.0)
 """Temperatures (K) of the independent set's unrestrained MD from the transition-state region."""
 INDEPENDENT_SIGMA = (0.05, 0.1)
-"""Range of the Gaussian displacement widths (Å per Cartesian component) of the displaced copies."""
+"""Range of the root-mean-square displacements of an atom (Å, all three directions together) of
+the displaced copies: each Cartesian component moves by a Gaussian of width σ/√3."""
 INDEPENDENT_SHARES = (0.2, 0.4, 0.4)
 """Shares of a reaction's structures from the relaxed scan, displaced copies and hot MD."""
+INDEPENDENT_PARTS = {0: "relaxed scan", 1: "displaced copies", **{2 + t: f"MD {T:g} K" for t, T in enumerate(INDEPENDENT_TEMPERATURES)}}
+"""Part of the independent set by trajectory id modulo 10."""
 _INDEPENDENT_KEY = 1000
 """Offset of the independent protocol's random-stream keys (window indices stay below it)."""
 
@@ -308,8 +311,8 @@ class IndependentProtocol:
 
     Per reaction: a relaxed scan along the C–X distance (C–X held fixed by a constraint, all
     else relaxed with BFGS to ``fmax``, from the reactant complex through the transition state to
-    the product), thermally displaced copies of the scan points (every coordinate moved by a
-    Gaussian of width σ drawn from ``INDEPENDENT_SIGMA``), and unrestrained Langevin MD at
+    the product), thermally displaced copies of the scan points (every atom moved by a Gaussian
+    of root-mean-square length σ drawn from ``INDEPENDENT_SIGMA``), and unrestrained Langevin MD at
     ``INDEPENDENT_TEMPERATURES`` started at the scan's transition-state point, frames ``stride`` steps
     apart after ``equilibration`` steps.
     """
@@ -327,7 +330,8 @@ class IndependentProtocol:
         shares = "/".join(f"{s:g}" for s in INDEPENDENT_SHARES)
         return (
             f"independent protocol: GFN2-xTB (tblite) relaxed scan along C-X (BFGS to fmax {self.fmax:g} eV/A), "
-            f"displaced copies of the scan points (sigma {INDEPENDENT_SIGMA[0]:g}-{INDEPENDENT_SIGMA[1]:g} A), "
+            f"displaced copies of the scan points (rms displacement per atom {INDEPENDENT_SIGMA[0]:g}-"
+            f"{INDEPENDENT_SIGMA[1]:g} A), "
             f"unrestrained Langevin MD from the scan's transition-state point at T = {temps} K ({self.timestep:g} fs steps, "
             f"friction {self.friction:g}/fs, every {self.stride}th step after {self.equilibration}); "
             f"shares {shares}; seed {seed}"
@@ -339,8 +343,9 @@ def sample_independent(reaction: str, n_frames: int, seed: int,
     """About ``n_frames`` structures of ``reaction`` by the ``IndependentProtocol``.
 
     Random streams are keyed by ``seed``, the reaction and the part, disjoint from the training
-    protocol's windows. Trajectory ids: the scan and its displaced copies are one trajectory, each
-    MD run another. Returns the frames and the number of failed scan points or trajectories.
+    protocol's windows. Trajectory ids tell the parts apart: ``INDEPENDENT_PARTS`` maps
+    ``id % 10`` to the part (the scan, its displaced copies, the MD run at each temperature).
+    Returns the frames and the number of failed scan points or trajectories.
     """
     with threadpool_limits(limits=1):
         x, y = parse_reaction(reaction)
@@ -351,7 +356,7 @@ def sample_independent(reaction: str, n_frames: int, seed: int,
         for atoms in scan:
             atoms.info["trajectory"] = first_id
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(r_index, _INDEPENDENT_KEY, 0)))
-        displaced = [_displaced(scan[k % len(scan)], rng) for k in range(n_displaced)] if scan else []
+        displaced = [_displaced(scan[k % len(scan)], rng, first_id + 1) for k in range(n_displaced)] if scan else []
         frames = scan + displaced
         if not scan:
             return frames, n_failed
@@ -360,7 +365,7 @@ def sample_independent(reaction: str, n_frames: int, seed: int,
                               equilibration=protocol.equilibration, stride=protocol.stride)
         for t, n in enumerate(_spread(n_md, len(INDEPENDENT_TEMPERATURES))):
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(r_index, _INDEPENDENT_KEY + 1 + t, 0)))
-            start = Atoms(top.numbers, positions=top.positions, info={**_plain_info(top), "trajectory": first_id + 1 + t})
+            start = Atoms(top.numbers, positions=top.positions, info={**_plain_info(top), "trajectory": first_id + 2 + t})
             kept, failed = run_trajectory(start, XTBCalculator(CHARGE), INDEPENDENT_TEMPERATURES[t], int(n), md, rng)
             frames += kept
             n_failed += failed
@@ -415,11 +420,12 @@ def _plain_info(atoms: Atoms) -> dict:
     return {"charge": atoms.info["charge"], "label": atoms.info["label"]}
 
 
-def _displaced(atoms: Atoms, rng: np.random.Generator) -> Atoms:
-    """A copy of ``atoms`` with every coordinate moved by a Gaussian of width σ ~ U(INDEPENDENT_SIGMA), Å."""
-    sigma = rng.uniform(*INDEPENDENT_SIGMA)
+def _displaced(atoms: Atoms, rng: np.random.Generator, trajectory: int) -> Atoms:
+    """A copy of ``atoms`` with every atom moved by a Gaussian of root-mean-square length
+    σ ~ U(INDEPENDENT_SIGMA) (each Cartesian component σ/√3), Å."""
+    sigma = rng.uniform(*INDEPENDENT_SIGMA) / np.sqrt(3.0)
     return Atoms(atoms.numbers, positions=atoms.positions + rng.normal(0.0, sigma, atoms.positions.shape),
-                 info=dict(atoms.info))
+                 info={**atoms.info, "trajectory": trajectory})
 
 
 def _jittered(windows: list[Window], w: int, rng: np.random.Generator) -> Window:

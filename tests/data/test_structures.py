@@ -73,6 +73,9 @@ def test_trajectories_survive_ase_subset_and_concatenate():
     np.testing.assert_array_equal(s.subset(np.array([5, 0])).trajectory, [1, 0])
     joined = concatenate([s, s])
     np.testing.assert_array_equal(joined.trajectory, np.concatenate([s.trajectory, s.trajectory + 4]))
+    other = s.subset(np.arange(3))
+    other.trajectory = np.array([7, 7, 9])
+    np.testing.assert_array_equal(concatenate([s, other]).trajectory, np.concatenate([s.trajectory, [7, 7, 9]]))
     assert concatenate([s, random_molecules(3)]).trajectory is None
 
 
