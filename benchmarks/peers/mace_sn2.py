@@ -9,7 +9,7 @@ the repository root::
     $P benchmarks/peers/mace_sn2.py train --budget-minutes 9 --name budget9
     $P benchmarks/peers/mace_sn2.py train --budget-minutes 25 --name budget25
     $P benchmarks/peers/mace_sn2.py evaluate --model benchmarks/peers/work/runs/budget9/budget9.model
-    $P benchmarks/peers/mace_sn2.py evaluate --model benchmarks/peers/work/runs/budget25/budget25.model
+    $P benchmarks/peers/mace_sn2.py evaluate --model benchmarks/peers/work/runs/budget25/budget25_stagetwo.model
 
 Subcommands:
 
