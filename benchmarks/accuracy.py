@@ -29,6 +29,7 @@ import yaml
 from lmlp.config import config_from_dict, dump_config
 from lmlp.data import read_structures
 from lmlp.fileio import atomic_write_text
+from lmlp.metrics import model_batch
 from lmlp.modelfile import load_model
 from lmlp.reference.sn2 import INDEPENDENT_PARTS
 from lmlp.training import format_table, train
@@ -96,7 +97,7 @@ def by_part(model_path: Path, data_path: str) -> dict[str, dict[str, float]]:
     """Ensemble RMSE of E (meV/atom) and F (meV/Å) per part of an independent SN2 set."""
     model, _ = load_model(model_path)
     s, _ = read_structures(data_path)
-    errors = structure_errors(model, s)
+    errors = structure_errors(model, model_batch(model, s))
     part = s.trajectory % 10
     return {name: {"n": int((part == k).sum()),
                    "rmse_e": round(float(np.sqrt(np.mean(errors["energy_error"][part == k] ** 2))), 3),

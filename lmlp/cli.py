@@ -294,10 +294,11 @@ def evaluate_command(
     typer.echo(format_evaluation(results))
     table = evaluation_json(results)
     if uncertainty:
+        from lmlp.metrics import model_batch
         from lmlp.uncertainty import format_report, uncertainty_report
 
         reference = metadata.get("test_ensemble") or results["all"].ensemble
-        report = uncertainty_report(ensemble, structures, reference["rmse_e"], reference["rmse_f"])
+        report = uncertainty_report(ensemble, model_batch(ensemble, structures), reference["rmse_e"], reference["rmse_f"])
         typer.echo(format_report(report))
         table["uncertainty"] = report.as_dict()
     target = out or model.with_name(f"evaluation_{data.stem}{'_' + split if split else ''}.json")

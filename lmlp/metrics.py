@@ -98,12 +98,17 @@ def metrics_dict(m: Metrics) -> dict:
             "members": {k: getattr(m, k).tolist() for k in ("rmse_e", "mae_e", "rmse_f", "mae_f")}}
 
 
+def model_batch(model: HDNNPEnsemble, s: StructureSet) -> Batch:
+    """The descriptors of ``s`` for ``model``: its descriptor, in its dtype, on its device."""
+    weight = next(model.parameters())
+    return compute_batch(s, model.descriptor, weight.dtype).to(weight.device)
+
+
 def evaluate_model(
     model: HDNNPEnsemble, s: StructureSet, q: float = 10.9, w_f: float = 1.0
 ) -> dict[str, Metrics]:
     """Metrics of ``model`` on every structure of ``s`` ("all") and per label (e.g. reaction)."""
-    weight = next(model.parameters())
-    batch = compute_batch(s, model.descriptor, weight.dtype).to(weight.device)
+    batch = model_batch(model, s)
     result = {"all": evaluate(model, chunks(batch), q, w_f)}
     labels = s.label.astype(str)
     for label in sorted(set(labels.tolist())):

@@ -34,7 +34,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import lmlp
 from lmlp import distributed
-from lmlp.batch import STRUCTURES_PER_CHUNK, Batch, compute_batch, predict, predict_all
+from lmlp.batch import STRUCTURES_PER_CHUNK, Batch, chunks, compute_batch, predict, predict_all
 from lmlp.cache import DiskCache, MemoryCache
 from lmlp.config import Config, dump_config
 from lmlp.data import StructureSet, load
@@ -55,7 +55,7 @@ from lmlp.descriptors.neighbors import find_neighbors
 from lmlp.errors import LmlpError
 from lmlp.integrity import load_with_fallback, previous_path, save_checked
 from lmlp.fileio import atomic_path, atomic_write_text
-from lmlp.metrics import UNITS, Metrics, evaluate, evaluate_model, member_losses, metrics_dict
+from lmlp.metrics import UNITS, Metrics, evaluate, evaluate_model, member_losses, metrics_dict, model_batch
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
 from lmlp.modelfile import load_model, save_model
 from lmlp.optim import build_optimizer
@@ -125,7 +125,10 @@ def load_training_data(cfg: Config) -> StructureSet:
         print(f"{cfg.data.path}: skipped structure {p.index}: {p.reason}", flush=True)
     if not {"train", "test"} <= set(s.split):
         raise LmlpError(f"{cfg.data.path}: needs a stored train/validation/test split (lmlp data split makes one)")
-    return _filtered(s, cfg, cfg.data.path)
+    unknown = set(cfg.data.reactions or ()) - set(s.label.tolist())
+    if unknown:
+        raise LmlpError(f"data.reactions: {sorted(unknown)} not in {cfg.data.path}")
+    return _filtered(s, cfg.data.reactions, cfg.data.max_structures)
 
 
 def load_extra_test(cfg: Config, path: str) -> StructureSet:
@@ -133,23 +136,20 @@ def load_extra_test(cfg: Config, path: str) -> StructureSet:
     s, problems = load(path, on_invalid=cfg.data.on_invalid)
     for p in problems:
         print(f"{path}: skipped structure {p.index}: {p.reason}", flush=True)
-    s = replace(s, split={"test": np.arange(len(s))})
-    subset = _filtered(s, replace(cfg, data=replace(cfg.data, max_structures=None)), path)
+    subset = _filtered(s, cfg.data.reactions, None)
     if len(subset) == 0:
         raise LmlpError(f"data.extra_test: {path} has no structures of the configured reactions")
-    return subset.split_subset("test")
+    return subset
 
 
-def _filtered(s: StructureSet, cfg: Config, path: str) -> StructureSet:
-    """``s`` restricted to ``data.reactions`` and ``data.max_structures``, its split renumbered."""
+def _filtered(s: StructureSet, reactions: list[str] | None, max_structures: int | None) -> StructureSet:
+    """``s`` restricted to the labels ``reactions`` and the first ``max_structures`` structures
+    (None: no restriction), its split renumbered."""
     keep = np.ones(len(s), dtype=bool)
-    if cfg.data.reactions is not None:
-        unknown = set(cfg.data.reactions) - set(s.label.tolist())
-        if unknown and path == cfg.data.path:
-            raise LmlpError(f"data.reactions: {sorted(unknown)} not in {cfg.data.path}")
-        keep &= np.isin(s.label.astype(str), cfg.data.reactions)
-    if cfg.data.max_structures is not None:
-        keep &= np.cumsum(keep) <= cfg.data.max_structures
+    if reactions is not None:
+        keep &= np.isin(s.label.astype(str), reactions)
+    if max_structures is not None:
+        keep &= np.cumsum(keep) <= max_structures
     if keep.all():
         return s
     new_index = np.cumsum(keep) - 1
@@ -355,9 +355,10 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         test_set = data.split_subset("test")  # read once, after training: it chose nothing
         test_cache = _caches(cfg, {"test": test_set}, descriptor, dtype, workers, device)[0]
         test_m = evaluate(model, test_cache, q, w_f)
-        extra = {path: evaluate_model(model, s, q, w_f)["all"] for path, s in extra_sets.items()}
-        calibration = {path: uncertainty_report(model, s, test_m.ensemble["rmse_e"], test_m.ensemble["rmse_f"])
-                       for path, s in extra_sets.items()}
+        extra_batches = {path: model_batch(model, s) for path, s in extra_sets.items()}
+        extra = {path: evaluate(model, chunks(batch), q, w_f) for path, batch in extra_batches.items()}
+        calibration = {path: uncertainty_report(model, batch, test_m.ensemble["rmse_e"], test_m.ensemble["rmse_f"])
+                       for path, batch in extra_batches.items()}
         for path, report in calibration.items():
             log(f"{path}: {format_report(report)}", echo=False)
         continual = _continual_report(before, model, test_set, known_test, q, w_f, log) if carried else {}

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from lmlp.batch import chunks, compute_batch, predict_all
-from lmlp.data import StructureSet
+from lmlp.batch import Batch, chunks, predict_all
 from lmlp.model import HDNNPEnsemble
 
 BAD_FACTOR = 3.0
@@ -60,20 +59,20 @@ class UncertaintyReport:
                 "recall": RECALL, **asdict(self)}
 
 
-def structure_errors(model: HDNNPEnsemble, s: StructureSet) -> dict[str, np.ndarray]:
-    """Per structure (S,): energy and force uncertainty and error, meV/atom and meV/Å (module docstring)."""
-    weight = next(model.parameters())
-    batch = compute_batch(s, model.descriptor, weight.dtype).to(weight.device)
-    energies, forces = predict_all(model, chunks(batch))  # (M, S), (M, N, 3)
-    n_atoms = torch.from_numpy(s.n_atoms).to(energies)
-    atom_of = torch.from_numpy(s.structure_index).to(energies.device)
+def structure_errors(model: HDNNPEnsemble, batch: Batch) -> dict[str, np.ndarray]:
+    """Per structure (S,) of ``batch`` (``lmlp.metrics.model_batch``): energy and force uncertainty
+    and error, meV/atom and meV/Å (module docstring)."""
+    energies, forces = predict_all(model, chunks(batch))  # (M, S), (M, N, 3), float64
+    n_structures = len(batch.energy)
+    n_atoms = batch.n_atoms.to(energies)
+    atom_of = batch.structure_of_atom
     energy_std = energies.std(0) / n_atoms * 1000.0
-    energy_error = (energies.mean(0) - torch.from_numpy(s.energy).to(energies)).abs() / n_atoms * 1000.0
+    energy_error = (energies.mean(0) - batch.energy.to(energies)).abs() / n_atoms * 1000.0
     force_std = forces.std(0).amax(1) * 1000.0  # (N,) largest component spread per atom
-    force_sq = ((forces.mean(0) - torch.from_numpy(s.forces).to(forces)) ** 2).sum(1) * 1e6
-    max_std = torch.zeros(len(s), dtype=forces.dtype, device=forces.device).scatter_reduce_(
+    force_sq = ((forces.mean(0) - batch.forces.to(forces)) ** 2).sum(1) * 1e6
+    max_std = torch.zeros(n_structures, dtype=forces.dtype, device=forces.device).scatter_reduce_(
         0, atom_of, force_std, "amax", include_self=False)
-    force_error = (torch.zeros(len(s), dtype=forces.dtype, device=forces.device).index_add_(0, atom_of, force_sq)
+    force_error = (torch.zeros(n_structures, dtype=forces.dtype, device=forces.device).index_add_(0, atom_of, force_sq)
                    / (3 * n_atoms)).sqrt()
     return {k: v.cpu().numpy() for k, v in (("energy_uncertainty", energy_std), ("energy_error", energy_error),
                                             ("force_uncertainty", max_std), ("force_error", force_error))}
@@ -90,11 +89,11 @@ def calibrate(uncertainty: np.ndarray, error: np.ndarray, reference_rmse: float)
     )
 
 
-def uncertainty_report(model: HDNNPEnsemble, s: StructureSet, rmse_e: float, rmse_f: float) -> UncertaintyReport:
-    """Calibration of ``model``'s ensemble uncertainty on ``s``; ``rmse_e`` (meV/atom) and ``rmse_f``
-    (meV/Å) are the reference RMSEs of a bad prediction (e.g. the test split's)."""
-    e = structure_errors(model, s)
-    return UncertaintyReport(len(s), calibrate(e["energy_uncertainty"], e["energy_error"], rmse_e),
+def uncertainty_report(model: HDNNPEnsemble, batch: Batch, rmse_e: float, rmse_f: float) -> UncertaintyReport:
+    """Calibration of ``model``'s ensemble uncertainty on the structures of ``batch``; ``rmse_e``
+    (meV/atom) and ``rmse_f`` (meV/Å) are the reference RMSEs of a bad prediction (e.g. the test split's)."""
+    e = structure_errors(model, batch)
+    return UncertaintyReport(len(batch.energy), calibrate(e["energy_uncertainty"], e["energy_error"], rmse_e),
                              calibrate(e["force_uncertainty"], e["force_error"], rmse_f))
 
 

@@ -9,6 +9,7 @@ from test_calculator import build_model
 
 from lmlp.calculator import LMLPCalculator
 from lmlp.data import read_structures
+from lmlp.metrics import model_batch
 from lmlp.uncertainty import BAD_FACTOR, RECALL, calibrate, spearman, structure_errors, uncertainty_report
 
 
@@ -39,7 +40,7 @@ def test_threshold_flags_the_recall_of_the_bad_structures():
 def test_structure_errors_are_the_calculators_uncertainties():
     s, _ = read_structures(TINY)
     model = build_model(s)
-    e = structure_errors(model, s)
+    e = structure_errors(model, model_batch(model, s))
     for i in (0, 57, 130):
         atoms = s.atoms(i)
         calc = LMLPCalculator(model, dtype=torch.float64)
@@ -51,6 +52,6 @@ def test_structure_errors_are_the_calculators_uncertainties():
         assert e["energy_error"][i] == pytest.approx(abs(energy - s.energy[i]) / 6 * 1000, rel=1e-6)
         df = atoms.get_forces() - s.forces[s.offsets[i]:s.offsets[i + 1]]
         assert e["force_error"][i] == pytest.approx(np.sqrt(np.mean(df**2)) * 1000, rel=1e-6)
-    report = uncertainty_report(model, s, 1.0, 10.0)
+    report = uncertainty_report(model, model_batch(model, s), 1.0, 10.0)
     assert report.n_structures == len(s)
     assert report.as_dict()["energy"]["spearman"] == report.energy.spearman

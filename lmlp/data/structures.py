@@ -313,7 +313,7 @@ def split_indices(
     names, unit_label, counts = np.unique(label[first], return_inverse=True, return_counts=True)
     unit_label = np.where(counts[unit_label] > 1, unit_label, len(names))
     rng = np.random.default_rng(seed)
-    side = np.zeros(len(first), dtype=np.int64)  # 0 train, 1 validation, 2 test
+    side = np.zeros(len(first), dtype=np.int64)  # index into SPLITS: 0 train, 1 validation, 2 test
     bounds = np.array([fractions[2], fractions[2] + fractions[1]])
     for g in np.unique(unit_label):
         members = rng.permutation(np.flatnonzero(unit_label == g))
@@ -326,7 +326,7 @@ def split_indices(
             middle = np.cumsum(sizes[members]) - sizes[members] / 2
             side[members] = np.where(middle < bounds[0] * total, 2, np.where(middle < bounds[1] * total, 1, 0))
     structure_side = side[units]
-    split = {name: np.flatnonzero(structure_side == k) for k, name in ((0, "train"), (1, "validation"), (2, "test"))}
+    split = {name: np.flatnonzero(structure_side == k) for k, name in enumerate(SPLITS)}
     if not len(split["validation"]):
         del split["validation"]
     return split

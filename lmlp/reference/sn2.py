@@ -41,10 +41,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from ase import Atoms, units
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
-from ase.constraints import FixCom
+from ase.constraints import FixBondLength, FixCom
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary
-from ase.constraints import FixBondLength
 from ase.optimize import BFGS
 
 try:  # ASE >= 3.29
