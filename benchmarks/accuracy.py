@@ -47,6 +47,9 @@ FINER = {"descriptor.radial_eta": [16.0] * 10 + [4.0] * 8 + [1.0] * 6,
          "descriptor.radial_rs": [0.9, 1.1, 1.3, 1.5, 1.7, 1.9, 2.1, 2.3, 2.5, 2.7] + COARSE_RS}
 """Ten narrow shells from 0.9 to 2.7 Å: C–H, C–X bonds and the transition-state C–X range."""
 
+PROTOCOL = {**FINER, "training.steps_per_epoch": 2, "training.validation_every": 5}
+"""The full protocol since these experiments (``configs/sn2.yaml``)."""
+
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "baseline": {},
     "steps2": {"training.steps_per_epoch": 2},
@@ -54,7 +57,10 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "radial_fine": FINE,
     "steps2_validate5": {"training.steps_per_epoch": 2, "training.validation_every": 5},
     "fine_steps2_validate5": {**FINE, "training.steps_per_epoch": 2, "training.validation_every": 5},
-    "finer_steps2_validate5": {**FINER, "training.steps_per_epoch": 2, "training.validation_every": 5},
+    "finer_steps2_validate5": PROTOCOL,
+    "angular6": {**PROTOCOL, "descriptor.angular_cutoff": 6.0},
+    "angular6_zeta16": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "descriptor.angular_zeta": [1.0, 4.0, 16.0]},
+    "angular6_forces2": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "training.force_weight": 2.0},
 }
 """Experiment name: overrides of ``BASE`` (dotted key: value)."""
 

@@ -5,13 +5,14 @@ ASE optimiser and MD driver. The prediction is the ensemble mean; the spread of 
 uncertainty. Units: energies eV, forces eV/Å, lengths Å.
 
 Speed (small-molecule MD is overhead-bound): the calculator keeps a Verlet neighbour list (pairs
-within cutoff + skin, rebuilt when an atom has moved more than skin/2), with the triples and element
-weights of its pairs, and writes the descriptor derivatives out by hand. Each step evaluates the
-symmetry functions once, dE/dG of all members with per-atom gathered network weights (small systems)
-or the model's per-element networks, and contracts dE/dG with the pair and triple derivatives for all
-members at once; no autograd. The arithmetic is in TorchScript kernels (``lmlp.calculator_kernels``):
-a small molecule's whole step is one compiled call. Pairs beyond the cutoff contribute exactly zero
-(the cosine cutoff), so the results equal ``HDNNPEnsemble.forward``.
+within cutoff + skin, rebuilt when an atom has moved more than skin/2), with the triples (pairs
+within the angular cutoff + skin) and element weights of its pairs, and uses the terms' analytic
+slopes (``lmlp.descriptors.terms``). Each step evaluates the symmetry functions once, dE/dG of all
+members with per-atom gathered network weights (small systems) or the model's per-element
+networks, and contracts dE/dG with the pair and triple slopes for all members at once; no autograd.
+The arithmetic is in ``lmlp.calculator_kernels``: a small molecule's whole step is one compiled
+call (``backend``). Pairs beyond the cutoffs contribute exactly zero (the cutoff
+functions), so the results equal ``HDNNPEnsemble.forward``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from lmlp.descriptors.neighbors import find_neighbors, find_triples
+from lmlp.descriptors.eeacsf import angular_triples
+from lmlp.descriptors.neighbors import find_neighbors
 from lmlp.elements import symbol
 from lmlp.errors import LmlpError
 from lmlp import calculator_kernels as kernels
-from lmlp.model import HDNNPEnsemble
+from lmlp.model import ACTIVATION_CODES, HDNNPEnsemble
 
 ENERGY_FACTOR = 2.0
 """Default energy threshold: the ensemble energy standard deviation per atom above this × the mean
@@ -92,7 +94,8 @@ class UncertaintyThresholds:
 
 @dataclass
 class _Neighbours:
-    """A Verlet list: pairs within cutoff + skin and their triples, grouped by element classes.
+    """A Verlet list: pairs within cutoff + skin and their triples (pairs within the angular cutoff
+    + skin), grouped by element classes.
 
     The descriptor of atom i sums pair terms weighted by w(Z_j) and triple terms weighted by
     W(Z_j, Z_k). With the nz elements of the structure, pair terms are first summed per
@@ -139,7 +142,7 @@ class _Networks:
         self.members = model.members
         self.mean = model.standardizer.mean
         self.inv_std = 1.0 / model.standardizer.std
-        self.activation = kernels.ACTIVATION_CODES[model.networks[0].activation]
+        self.activation = ACTIVATION_CODES[model.networks[0].activation]
         element = model.element_index(numbers)
         network = model.networks[0]
         per_member = sum(w[0].numel() + b[0].numel() for w, b in zip(network.weights, network.biases))
@@ -199,23 +202,29 @@ class LMLPCalculator(Calculator):
             default: ``UncertaintyThresholds.from_metadata`` of the model file.
         metadata: the model-file metadata when ``model`` is an ``HDNNPEnsemble``.
         skin: Verlet-list skin, Å.
+        backend: how a small system's whole step runs (``calculator_kernels.KERNEL_BACKENDS``):
+            "script" (TorchScript, default), "compile" (``torch.compile``: fastest after a
+            compilation of tens of seconds on first use) or "eager".
 
     The network weights are copied (per atom, for speed) when a composition is first seen: build a
     new calculator after changing the model's weights.
 
-    Besides ``energy``, ``free_energy`` (equal) and ``forces``, ``results`` holds:
+    Besides ``energy``, ``free_energy`` (equal), ``forces`` and, for periodic cells, ``stress``
+    (ASE's Voigt order xx, yy, zz, yz, xz, xy; eV/Å³; (1/V) ∂E/∂ε, the strain derivative at fixed
+    scaled positions), ``results`` holds:
 
     - ``energies``: (M,) member energies, eV;
     - ``forces_members``: (M, N, 3) member forces, eV/Å;
     - ``energy_uncertainty``: ensemble standard deviation (ddof = 1) of the energy, eV;
     - ``forces_uncertainty``: (N, 3) standard deviation (ddof = 1) of each force component, eV/Å
       (both 0 for a single-member model);
+    - ``stress_members``: (M, 6) member stresses, eV/Å³ (periodic cells);
     - ``closest_distance``: the smallest interatomic distance within cutoff + skin, Å (else inf).
 
     Raises ``UnknownElementError`` (one line) for elements the model does not know.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(
         self,
@@ -225,6 +234,7 @@ class LMLPCalculator(Calculator):
         uncertainty_thresholds: UncertaintyThresholds | None = None,
         metadata: dict[str, Any] | None = None,
         skin: float = SKIN,
+        backend: str = "script",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -239,18 +249,16 @@ class LMLPCalculator(Calculator):
         self.min_distance = min_distance if min_distance is not None else self.metadata.get("min_pair_distance")
         self.uncertainty_thresholds = uncertainty_thresholds or UncertaintyThresholds.from_metadata(self.metadata)
         self.skin = skin
+        self._small_system = kernels.compiled_small_system(backend)
         self.too_close_count = 0
         """Calculations in which two atoms were closer than ``min_distance``."""
         self.n_calculations = 0
         self._neighbours: _Neighbours | None = None
         self._networks: _Networks | None = None
         self._baseline = 0.0
-        descriptor = self.model.descriptor
-        self._radial_params = descriptor._radial_params(self.dtype)
-        eta, lam, zeta = descriptor._angular_params(self.dtype)
-        self._angular_params = (eta, lam, zeta, 2.0 ** (1.0 - zeta), zeta * lam * 2.0 ** (1.0 - zeta))
-        self._n_radial = len(self._radial_params[0])
-        self._n_angular = len(eta) * len(lam)
+        self._terms = self.model.descriptor.terms(self.dtype)
+        self._n_radial = len(self._terms.radial_eta)
+        self._n_angular = len(self._terms.angular_eta) * len(self._terms.angular_lambda)
 
     @property
     def members(self) -> int:
@@ -260,7 +268,7 @@ class LMLPCalculator(Calculator):
                   system_changes: list[str] = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         with torch.inference_mode():
-            energies, forces, closest = self._evaluate(self.atoms)
+            energies, forces, closest, virials = self._evaluate(self.atoms)
             correction = 1 if self.members > 1 else 0
             energy_std, energy = torch.std_mean(energies, dim=0, correction=correction)
             forces_std, forces_mean = torch.std_mean(forces, dim=0, correction=correction)
@@ -276,6 +284,10 @@ class LMLPCalculator(Calculator):
             "forces_uncertainty": forces_std.numpy(),
             "closest_distance": closest,
         }
+        if virials is not None:
+            stresses = virials[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] / self.atoms.cell.volume
+            self.results["stress"] = stresses.mean(0).numpy()
+            self.results["stress_members"] = stresses.numpy()
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """What changed since the last calculation among what the lMLP depends on: positions,
@@ -317,30 +329,40 @@ class LMLPCalculator(Calculator):
                           f"({self.min_distance:.3f} Å): the lMLP extrapolates (counted in too_close_count; "
                           f"further cases are not warned about)", TooCloseWarning, stacklevel=2)
 
-    def _evaluate(self, atoms: Atoms) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Member energies (M,) eV, member forces (M, N, 3) eV/Å (float64) and the closest distance, Å."""
+    def _evaluate(self, atoms: Atoms) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        """Member energies (M,) eV, member forces (M, N, 3) eV/Å (float64), the closest distance, Å,
+        and for periodic cells the member virials (M, 3, 3) eV, W_ab = Σ_p (∂E/∂v_p)_a v_pb (else None)."""
         positions = torch.from_numpy(atoms.positions)
         nb = self._update_neighbours(atoms)
         networks = self._networks
         if networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1:
-            atomic, forces, r = kernels.small_system(
+            t = self._terms
+            atomic, forces, r, gradient = self._small_system(
                 positions, nb.i, nb.j, nb.shifts, nb.pair_slot, nb.t0, nb.t1, nb.triple_slot, nb.pair_weights,
-                nb.triple_weights, *self._radial_params, *self._angular_params, self.model.descriptor.cutoff,
-                self.model.descriptor.g4, networks.mean, networks.inv_std, networks.weights, networks.biases,
-                networks.transposed, networks.activation, self.members)
+                nb.triple_weights, t.radial_eta, t.radial_rs, t.angular_eta, t.angular_lambda, t.angular_zeta,
+                t.norm, t.slope_norm, t.cutoff, t.angular_cutoff, t.cutoff_function, t.g4, networks.mean,
+                networks.inv_std, networks.weights, networks.biases, networks.transposed, networks.activation,
+                self.members)
         else:
-            atomic, forces, r = self._blocked(nb, positions)
+            atomic, forces, r, gradient = self._blocked(nb, positions)
         closest = float(r.min()) if r.shape[0] else math.inf
         energies = atomic.to(torch.float64).sum(0) + self._baseline
-        return energies, forces.transpose(0, 1).to(torch.float64), closest
+        virials = None
+        if atoms.pbc.any() and atoms.cell.volume > 0:
+            v = positions[nb.j] - positions[nb.i] + nb.shifts
+            virials = torch.einsum("pma,pb->mab", gradient.to(torch.float64), v)
+            virials = (virials + virials.transpose(1, 2)) / 2
+        return energies, forces.transpose(0, 1).to(torch.float64), closest, virials
 
-    def _blocked(self, nb: _Neighbours, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _blocked(
+        self, nb: _Neighbours, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``kernels.small_system`` for larger systems: pairs and triples in blocks (terms recomputed
         for the gradients when there are several), per-element networks when per-atom copies of
         the weights would be too large."""
         n = len(positions)
         v = (positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype)
-        pairs = kernels.pair_data(v, self.model.descriptor.cutoff, self._angular_params[0])
+        pairs = self._terms.pair_data(v)
         keep = len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1
         radials = [self._radial(pairs[block], keep) for block in nb.pair_blocks]
         angulars = [self._angular(pairs[nb.t0[block]], pairs[nb.t1[block]], keep) for block in nb.triple_blocks]
@@ -353,7 +375,7 @@ class LMLPCalculator(Calculator):
         G = torch.cat([G_radial, G_angular], 1)
         atomic, dE_dG = self._networks(G)
         gradient = self._pair_gradients(nb, pairs, dE_dG, radials if keep else None, angulars if keep else None)
-        return atomic, kernels.pair_forces(gradient, nb.i, nb.j, n), pairs[:, 3]
+        return atomic, kernels.pair_forces(gradient, nb.i, nb.j, n), pairs[:, 3], gradient
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""
@@ -388,7 +410,8 @@ class LMLPCalculator(Calculator):
             torch.from_numpy(atoms.pbc)[None] if periodic else None,
         )
         i, j = nb.pairs
-        triples = find_triples(nb.pairs, len(atoms))
+        distances = nb.vectors(torch.from_numpy(atoms.positions)).norm(dim=1)
+        triples = angular_triples(nb.pairs, distances, descriptor.angular_cutoff + self.skin, len(atoms))
         elements, element = np.unique(atoms.numbers, return_inverse=True)
         nz, element = len(elements), torch.from_numpy(element.astype(np.int64))
         n = len(atoms)
@@ -411,14 +434,13 @@ class LMLPCalculator(Calculator):
         return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
     def _radial(self, pairs: torch.Tensor, slopes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Radial terms (P, K) of pairs with ``kernels.pair_data`` rows ``pairs``, and their slopes."""
-        return kernels.radial(pairs, *self._radial_params, slopes)
+        """Radial terms (P, K) of pairs with ``terms.pair_data`` rows ``pairs``, and their slopes."""
+        return self._terms.radial(pairs, slopes)
 
     def _angular(self, first: torch.Tensor, second: torch.Tensor,
                  slopes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Angular terms (Q, E·L) of triples and their gradient coefficients (``kernels.angular``)."""
-        return kernels.angular(first, second, *self._angular_params, self.model.descriptor.cutoff,
-                               self.model.descriptor.g4, slopes)
+        """Angular terms (Q, E·L) of triples and their gradient coefficients (``terms.angular``)."""
+        return self._terms.angular(first, second, slopes)
 
     def _pair_gradients(
         self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor,

@@ -205,8 +205,10 @@ def data_label(
 def md_command(
     model: Annotated[Path, typer.Argument(help="A model file (model.pt).")],
     start: Annotated[Path, typer.Argument(help="Start structure: any file ASE reads (xyz, extxyz, ...) or lmlp .h5.")],
-    ensemble: Annotated[str, typer.Option(help="nve (velocity Verlet) or nvt (Langevin).")] = "nve",
-    temperature: Annotated[float, typer.Option(help="Start-velocity (and NVT bath) temperature, K.")] = 300.0,
+    ensemble: Annotated[str, typer.Option(
+        help="nve (velocity Verlet), nvt (Langevin) or npt (MTK, isotropic; periodic cells).")] = "nve",
+    temperature: Annotated[float, typer.Option(help="Start-velocity (and NVT/NPT bath) temperature, K.")] = 300.0,
+    pressure: Annotated[float, typer.Option(help="NPT external pressure, bar.")] = 1.0,
     timestep: Annotated[float, typer.Option(help="Time step, fs.")] = 0.5,
     steps: Annotated[int, typer.Option(help="Number of MD steps.")] = 1000,
     out: Annotated[Optional[Path], typer.Option(help="ASE trajectory file (.traj) to write.")] = None,
@@ -229,6 +231,9 @@ def md_command(
     threads: Annotated[int, typer.Option(
         help="Torch threads (0: torch's default); small molecules run fastest on 1.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    backend: Annotated[str, typer.Option(
+        help="Calculator kernels: script (TorchScript), compile (torch.compile: fastest after a one-off "
+             "compilation of tens of seconds) or eager.")] = "script",
 ) -> None:
     """Molecular dynamics with an lMLP ensemble (ASE); prints the summary (energy drift, uncertainty)."""
     import torch
@@ -240,7 +245,7 @@ def md_command(
                      start_index=index, trajectory_interval=interval, max_flagged=max_flagged,
                      flag_interval=flag_interval, energy_factor=energy_factor, force_factor=force_factor,
                      dtype=torch.float64 if float64 else None, min_distance=min_distance, threads=threads or None,
-                     progress=progress)
+                     progress=progress, pressure_bar=pressure, backend=backend)
     typer.echo(summary.format())
 
 
@@ -344,16 +349,24 @@ def _float_list(option: str, text: str) -> list[float]:
 @app.command("export")
 def export_command(
     model: Annotated[Path, typer.Argument(help="A model file (model.pt).")],
-    out: Annotated[Optional[Path], typer.Argument(help="TorchScript file to write (default: MODEL with .ts).")] = None,
+    out: Annotated[Optional[Path], typer.Argument(help="Program file to write (default: MODEL with .pt2).")] = None,
+    aoti: Annotated[bool, typer.Option(
+        help="Also compile an AOTInductor package OUT with .aoti.pt2 for C++ (libtorch), for this CPU; "
+             "takes about a minute.")] = False,
 ) -> None:
-    """Export a model as TorchScript, for C++ (torch::jit::load) and MD codes; no lmlp needed to run it."""
+    """Export a model with torch.export (.pt2) for Python (torch.export.load) and, with --aoti, C++;
+    no lmlp needed to run it (lmlp.export describes inputs and outputs)."""
     from lmlp.export import export_model
     from lmlp.modelfile import load_model
 
-    target = out or model.with_suffix(".ts")
-    export_model(load_model(model)[0], target)
-    typer.echo(f"wrote {target}: inputs numbers (N,), positions (N, 3) Å[, pairs (2, P), shifts (P, 3) Å]; "
-               f"outputs energies (M,) eV, forces (M, N, 3) eV/Å")
+    target = out or model.with_suffix(".pt2")
+    aoti_target = target.with_suffix(".aoti.pt2") if aoti else None
+    if model.resolve() in (target.resolve(), aoti_target and aoti_target.resolve()):
+        raise LmlpError(f"{model}: the export would overwrite the model file; name the output")
+    export_model(load_model(model)[0], target, aoti_target)
+    typer.echo(f"wrote {target}{f' and {aoti_target}' if aoti else ''}: inputs numbers (N,), positions (N, 3) Å, "
+               f"pairs (2, P), shifts (P, 3) Å, triples (2, Q); outputs energies (M,) eV, forces (M, N, 3) eV/Å, "
+               f"virials (M, 3, 3) eV")
 
 
 @config_app.command("check")

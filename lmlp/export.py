@@ -1,249 +1,347 @@
-"""TorchScript export of a trained ensemble, for use outside Python (C++ libtorch, MD codes).
+"""Export of a trained ensemble with ``torch.export``, for use outside lmlp (Python, C++, MD codes).
 
-The exported file (``torch.jit.save``) holds one scripted module with every tensor it needs: the
-symmetry-function parameters and element weight tables, the standardisation, the per-element
-network weights of all M members and the reference energies. No lmlp is needed to run it.
+The exported program (a ``.pt2`` file, ``torch.export.save``) is a graph of the package's own
+functions, traced, not copied: the terms and their analytic slopes (``lmlp.descriptors.terms``),
+their assembly per element slot and the contraction of dE/dG with the slopes into pair gradients
+(``lmlp.calculator_kernels``, as in the ASE calculator) and the networks' written-out backward
+pass (``StackedMLP.with_input_gradient``). It holds every tensor it needs (term parameters, element
+weights, standardisation, the networks of all M members, reference energies) and no autograd.
 
-Inputs, for ONE structure:
+Inputs, for ONE structure, as an MD code supplies them (all sizes dynamic):
 
 - ``numbers``: (N,) int64 atomic numbers.
-- ``positions``: (N, 3) Å, any float dtype (cast to the model dtype).
-- ``pairs`` (optional): (2, P) int64 directed neighbour pairs i → j, both directions listed.
-- ``shifts`` (optional, with ``pairs``): (P, 3) Å Cartesian image shifts, the pair vector being
-  R_j − R_i + shift; zero when omitted.
+- ``positions``: (N, 3) float64, Å.
+- ``pairs``: (2, P) int64 directed neighbour pairs i → j, both directions listed.
+- ``shifts``: (P, 3) float64 Cartesian image shifts, Å; the pair vector is R_j − R_i + shift.
+- ``triples``: (2, Q) int64 indices into the pairs: every unordered two pairs (listed once) of one
+  centre atom that are both shorter than ``angular_cutoff``.
 
-Without ``pairs`` every pair i ≠ j within the cutoff is used (a molecule, no periodic images,
-O(N²)); with them only the given pairs closer than the cutoff (periodic systems: the host code's
-neighbour list, with a cutoff of at least ``cutoff`` in the metadata).
+Pairs and triples beyond the cutoffs contribute exactly zero (the cutoff functions), so a host
+list with a larger cutoff (a Verlet skin) is fine; a zero-length pair is not (1/r).
 
-Outputs: ``(energies, forces)``, energies (M,) float64 in eV per member, forces (M, N, 3) eV/Å in
-the model dtype (float32 or float64). The ensemble prediction is the mean over members; their
-spread is the uncertainty estimate.
+Outputs: ``(energies, forces, virials)``: member energies (M,) float64 eV (reference energies added
+in float64), member forces (M, N, 3) eV/Å in the model dtype, member virials (M, 3, 3) float64 eV,
+W_ab = Σ_p (∂E/∂v_p)_a v_pb = ∂E/∂ε_ab, the derivative with respect to a strain that maps every
+pair vector v to (1 + ε) v (stress = W / volume; for periodic cells). The ensemble prediction is
+the mean over members, their spread the uncertainty. The program cannot raise: an atomic number the
+model does not know makes every output NaN (``load_exported``'s potential names it instead).
 
-The file also stores ``metadata.json`` (format, format_version, lmlp_version, units, elements,
-cutoff, members, activation, dtype). Loading:
+The program is traced by ``torch.export`` in strict mode (TorchDynamo), which keeps the atom count
+symbolic where the networks take ``len`` of their input.
 
-- Python: ``module = torch.jit.load(path)``; metadata:
-  ``extra = {"metadata.json": ""}; torch.jit.load(path, _extra_files=extra)``, then
-  ``json.loads(extra["metadata.json"])``.
-- C++: ``torch::jit::ExtraFilesMap extra{{"metadata.json", ""}};
-  auto module = torch::jit::load(path, torch::kCPU, extra);
-  auto out = module.forward({numbers, positions}).toTuple();`` (append ``pairs, shifts`` for
-  periodic systems); ``out->elements()[0]`` are the energies, ``[1]`` the forces.
+The file also stores ``metadata.json`` (``metadata``: format, format_version, lmlp_version, units,
+elements, cutoff, angular_cutoff, cutoff_function, members, activation, dtype, inputs, outputs).
 
-Integrity: like every torch zip file, the export stores a CRC-32 per archive member, which
-``torch.jit.load`` does not verify; ``unzip -t model.ts`` or ``zipfile.ZipFile(path).testzip()``
-does (a SHA-256 in ``metadata.json`` could not cover the file that contains it).
+In Python with lmlp: ``load_exported(path)(numbers, positions, cell, pbc)`` builds the pairs and
+triples (``find_neighbors``, ``angular_triples``) and runs the program. Without lmlp, with any
+neighbour list within ``meta["cutoff"]``, here ASE's for an ``Atoms`` object ``atoms``::
 
-Forces come from autograd: the module switches gradients on for its own computation (so a
-``torch::NoGradGuard`` or ``torch.no_grad()`` around the call is fine) and back off before it
-returns, but it cannot run under ``torch::InferenceMode`` / ``torch.inference_mode()``.
+    extra = {"metadata.json": ""}
+    program = torch.export.load("model.pt2", extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    i, j, d, S = ase.neighborlist.neighbor_list("ijdS", atoms, meta["cutoff"])
+    short = np.flatnonzero(d < meta["angular_cutoff"])
+    triples = [(p, q) for c in np.unique(i[short]) for p, q in itertools.combinations(short[i[short] == c], 2)]
+    energies, forces, virials = program.module()(
+        torch.from_numpy(atoms.numbers), torch.from_numpy(atoms.positions), torch.from_numpy(np.stack([i, j])),
+        torch.from_numpy(S @ atoms.cell.array), torch.tensor(triples, dtype=torch.int64).reshape(-1, 2).T.contiguous())
+
+(``program.module()`` runs the graph eagerly, one operation after the other.)
+
+In C++ (no Python): compile the program with AOTInductor (``lmlp export --aoti``, or
+``torch._inductor.aoti_compile_and_package(program, package_path="model.aoti.pt2")``; compiled
+for the CPU and the libtorch version it is built with) and run it with libtorch, on CPU tensors of
+the dtypes above, contiguous (the compiled code does not check strides: a transposed ``triples``
+gives wrong results)::
+
+    torch::inductor::AOTIModelPackageLoader loader("model.aoti.pt2");
+    auto out = loader.run({numbers, positions, pairs, shifts, triples});  // energies, forces, virials
+    auto meta = loader.get_metadata()["metadata.json"];
+
+Integrity: like every torch zip file, a ``.pt2`` stores a CRC-32 per archive member, which
+``torch.export.load`` does not verify; ``zipfile.ZipFile(path).testzip()`` does.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import logging
+import math
 import os
-import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 import lmlp
-from lmlp.descriptors.neighbors import find_triples
-from lmlp.descriptors.terms import angular_terms, radial_terms
+from lmlp.calculator_kernels import add_angular_gradient, pair_forces, radial_gradient, slot_gradients, slot_sums
+from lmlp.descriptors.eeacsf import angular_triples
+from lmlp.descriptors.neighbors import find_neighbors, find_triples
+from lmlp.descriptors.terms import TermParameters
 from lmlp.elements import MAX_Z
 from lmlp.fileio import atomic_path
-from lmlp.model import SCALED_TANH, HDNNPEnsemble, StackedMLP
+from lmlp.model import HDNNPEnsemble
 from lmlp.modelfile import UNITS
 
-FORMAT = "lmlp.torchscript"
-FORMAT_VERSION = 1
+FORMAT = "lmlp.export"
+FORMAT_VERSION = 2
 METADATA_FILE = "metadata.json"
-"""Name of the metadata entry among the TorchScript file's extra files."""
+"""Name of the metadata entry among the ``.pt2`` file's extra files."""
+INPUTS = {
+    "numbers": "(N,) int64 atomic numbers",
+    "positions": "(N, 3) float64 Angstrom",
+    "pairs": "(2, P) int64 directed neighbour pairs i -> j, both directions",
+    "shifts": "(P, 3) float64 Angstrom image shifts; pair vector R_j - R_i + shift",
+    "triples": "(2, Q) int64 pair indices p < q of one centre, both shorter than angular_cutoff",
+}
+OUTPUTS = {
+    "energies": "(M,) float64 eV per member",
+    "forces": "(M, N, 3) eV/Angstrom per member, model dtype",
+    "virials": "(M, 3, 3) float64 eV per member, W_ab = sum_p (dE/dv_p)_a v_pb",
+}
+_TERM_TENSORS = [f.name for f in dataclasses.fields(TermParameters) if f.type == "Tensor"]
+"""The tensor fields of ``TermParameters``, stored as buffers of the exported module."""
+_DIMS = {name: torch.export.Dim(name) for name in ("n_atoms", "n_pairs", "n_triples")}
+DYNAMIC_SHAPES = {
+    "numbers": {0: _DIMS["n_atoms"]}, "positions": {0: _DIMS["n_atoms"]}, "pairs": {1: _DIMS["n_pairs"]},
+    "shifts": {0: _DIMS["n_pairs"]}, "triples": {1: _DIMS["n_triples"]},
+}
+"""The dynamic sizes N, P and Q of the exported program's inputs."""
 
 
-class _Dense(torch.nn.Module):
-    """One stacked layer of M members: weight (M, n_in, n_out), bias (M, n_out)."""
+class ExportablePotential(torch.nn.Module):
+    """An ``HDNNPEnsemble`` on host neighbour lists, with analytic forces: what ``torch.export`` traces.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, n_in) or (M, n, n_in) → (M, n, n_out)."""
-        return torch.matmul(x, self.weight) + self.bias[:, None, :]
-
-
-class _ElementNetwork(torch.nn.Module):
-    """The M networks of one element (a copy of a ``StackedMLP``)."""
-
-    def __init__(self, network: StackedMLP) -> None:
-        super().__init__()
-        layers = [_Dense(w, b) for w, b in zip(network.weights, network.biases)]
-        self.hidden = torch.nn.ModuleList(layers[:-1])
-        self.output = layers[-1]
-        self.activation = network.activation
-        self.tanh_scale = SCALED_TANH
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Atomic energies (M, n) in eV from standardised descriptors x (n, F)."""
-        h = x
-        for layer in self.hidden:
-            h = self._activate(layer(h))
-        return self.output(h)[..., 0]
-
-    def _activate(self, z: torch.Tensor) -> torch.Tensor:
-        """The hidden-layer activation f(z) of ``lmlp.model.ACTIVATIONS[self.activation]``."""
-        if self.activation == "scaled_tanh":
-            return self.tanh_scale * torch.tanh(z)
-        elif self.activation == "tanh":
-            return torch.tanh(z)
-        elif self.activation == "silu":
-            return z * torch.sigmoid(z)
-        elif self.activation == "softplus":
-            return torch.nn.functional.softplus(z)
-        raise ValueError("unknown activation " + self.activation)
-
-
-class ScriptablePotential(torch.nn.Module):
-    """A self-contained copy of an ``HDNNPEnsemble`` that ``torch.jit.script`` compiles.
-
-    Its dtype is that of the model's parameters; see the module docstring for inputs and outputs.
+    Holds the model's standardizer and a copy of its networks (constants: no gradients are recorded
+    when the program runs eagerly); the dtype is the model's. Inputs and outputs: module docstring.
     """
 
     def __init__(self, model: HDNNPEnsemble) -> None:
         super().__init__()
         dtype = next(model.parameters()).dtype
-        sf = model.descriptor
-        elements = model.elements.detach().clone()
+        sf, elements = model.descriptor, model.elements
         table = torch.full((MAX_Z + 1,), -1, dtype=torch.int64)
         table[elements] = torch.arange(len(elements))
-        self.register_buffer("elements", elements)
         self.register_buffer("element_table", table)
         self.register_buffer("reference_energies", model.reference_energies.clone())
-        self.register_buffer("neighbor_weights", sf.neighbor_weights[elements].to(dtype))
-        self.register_buffer("pair_weights", sf.pair_weights[elements][:, elements].to(dtype))
-        for name in ("radial_eta", "radial_rs", "angular_eta", "angular_lambda", "angular_zeta"):
-            self.register_buffer(name, getattr(sf, name).detach().to(dtype))
-        self.register_buffer("mean", model.standardizer.mean.detach().to(dtype))
-        self.register_buffer("std", model.standardizer.std.detach().to(dtype))
-        self.networks = torch.nn.ModuleList(_ElementNetwork(n) for n in model.networks)
-        self.cutoff = sf.cutoff
-        self.g4 = sf.g4
-        self.n_radial = sf.n_radial
-        self.n_functions = sf.n_functions
+        self.register_buffer("pair_weights", sf.neighbor_weights[elements].to(dtype))
+        self.register_buffer("triple_weights", sf.pair_weights[elements][:, elements].flatten(0, 1).to(dtype))
+        terms = sf.terms(dtype)
+        for name in _TERM_TENSORS:
+            self.register_buffer(name, getattr(terms, name).clone())
+        self.options = (terms.cutoff, terms.angular_cutoff, terms.cutoff_function, terms.g4)
+        self.standardizer = model.standardizer
+        self.networks = copy.deepcopy(model.networks).requires_grad_(False)
         self.members = model.members
 
     def forward(
-        self,
-        numbers: torch.Tensor,
-        positions: torch.Tensor,
-        pairs: Optional[torch.Tensor] = None,
-        shifts: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies (M,) float64 eV and forces (M, N, 3) eV/Å of one structure."""
-        element = self._element_index(numbers)
-        self._check_pairs(numbers.shape[0], pairs, shifts)
-        grad_was_enabled = torch.is_grad_enabled()
-        torch.set_grad_enabled(True)  # TorchScript has no `with torch.enable_grad()`
-        pos = positions.detach().to(self.mean.dtype).requires_grad_(True)
-        x = (self._descriptors(element, pos, pairs, shifts) - self.mean) / self.std
-        network = self._atomic_energies(x, element).sum(1)
-        forces = torch.stack([self._minus_gradient(network[m], pos, m < self.members - 1)
-                              for m in range(self.members)])
-        torch.set_grad_enabled(grad_was_enabled)
-        energies = network.detach().to(torch.float64) + self.reference_energies[element].sum()
-        return energies, forces
+        self, numbers: Tensor, positions: Tensor, pairs: Tensor, shifts: Tensor, triples: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Energies (M,) float64 eV, forces (M, N, 3) eV/Å, virials (M, 3, 3) float64 eV."""
+        n = positions.shape[0]
+        element, invalid = self._element_index(numbers)
+        vectors = positions[pairs[1]] - positions[pairs[0]] + shifts
+        terms = TermParameters(*(getattr(self, name) for name in _TERM_TENSORS), *self.options)
+        data = terms.pair_data(vectors.to(self.pair_weights.dtype))
+        rad, rad_slopes = terms.radial(data, True)
+        ang, ang_slopes = terms.angular(data[triples[0]], data[triples[1]], True)
+        pair_slot, triple_slot = self._slots(element, pairs, triples)
+        G = torch.cat([slot_sums(rad, pair_slot, self.pair_weights, n),
+                       slot_sums(ang, triple_slot, self.triple_weights, n)], 1)
+        atomic, dE_dG = self._networks(G, element)
+        gradient = self._pair_gradients(dE_dG, data, triples, rad_slopes, ang_slopes, pair_slot, triple_slot)
+        energies = atomic.to(torch.float64).sum(0) + self.reference_energies[element].sum()
+        forces = pair_forces(gradient, pairs[0], pairs[1], n).transpose(0, 1)
+        virials = torch.einsum("pma,pb->mab", gradient.to(torch.float64), vectors)
+        return energies + invalid, forces + invalid.to(forces.dtype), virials + invalid
 
-    def _element_index(self, numbers: torch.Tensor) -> torch.Tensor:
-        """(N,) position of each atom's element in ``elements``; ValueError naming unknown Z."""
-        max_z = self.element_table.shape[0] - 1
-        inside = (numbers >= 0) & (numbers <= max_z)
-        index = torch.where(inside, self.element_table[numbers.clamp(0, max_z)], -1)
-        if bool((index < 0).any()):
-            unknown: list[int] = torch.unique(numbers[index < 0]).tolist()
-            raise ValueError("the model does not know the elements with Z = " + str(unknown))
-        return index
+    def _element_index(self, numbers: Tensor) -> tuple[Tensor, Tensor]:
+        """(N,) each atom's position in the model's elements, and a scalar: 0, or NaN if the model
+        does not know an atomic number (the program cannot raise)."""
+        z = numbers.clamp(0, MAX_Z)
+        element = self.element_table[z]
+        known = (element >= 0) & (z == numbers)
+        invalid = torch.where(known.all(), 0.0, math.nan).to(torch.float64)
+        return element.clamp(min=0), invalid
 
-    def _check_pairs(self, n: int, pairs: Optional[torch.Tensor], shifts: Optional[torch.Tensor]) -> None:
-        """ValueError unless pairs are (2, P) atom indices < n and shifts (P, 3) or absent."""
-        if pairs is None:
-            if shifts is not None:
-                raise ValueError("shifts need the pairs they belong to")
-            return
-        if pairs.dim() != 2 or pairs.shape[0] != 2 or (pairs.numel() > 0 and (pairs.min() < 0 or pairs.max() >= n)):
-            raise ValueError("pairs must be (2, P) atom indices below " + str(n))
-        if shifts is not None and (shifts.dim() != 2 or shifts.shape[0] != pairs.shape[1] or shifts.shape[1] != 3):
-            raise ValueError("shifts must be (P, 3) with P = " + str(pairs.shape[1]))
-
-    def _descriptors(
-        self, element: torch.Tensor, pos: torch.Tensor, pairs: Optional[torch.Tensor], shifts: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """Raw symmetry functions G (N, F), differentiable in ``pos`` (N, 3) Å."""
-        n = pos.shape[0]
-        if pairs is None:
-            pairs = _all_pairs(n, pos.device)
-        vectors = pos[pairs[1]] - pos[pairs[0]]
-        if shifts is not None:
-            vectors = vectors + shifts.to(pos.dtype)
-        keep = torch.linalg.vector_norm(vectors.detach(), dim=1) < self.cutoff
-        pairs, vectors = pairs[:, keep], vectors[keep]
-        triples = find_triples(pairs, n)
+    def _slots(self, element: Tensor, pairs: Tensor, triples: Tensor) -> tuple[Tensor, Tensor]:
+        """Element slots of the pairs (P,) and triples (Q,) (``lmlp.calculator._Neighbours``, with
+        all the model's elements): (element of j)·N + i and (E·(element of j) + element of k)·N + i."""
+        n, n_elements = element.shape[0], self.pair_weights.shape[0]
         e_j = element[pairs[1]]
-        wn = self.neighbor_weights[e_j]
-        wp = self.pair_weights[e_j[triples[0]], e_j[triples[1]]]
-        rad = radial_terms(vectors, self.radial_eta, self.radial_rs, self.cutoff)
-        ang = angular_terms(vectors[triples[0]], vectors[triples[1]], self.angular_eta, self.angular_lambda,
-                            self.angular_zeta, self.cutoff, self.g4)
-        g_rad = pos.new_zeros(n, self.n_radial).index_add(0, pairs[0], (wn[:, :, None] * rad[:, None, :]).flatten(1))
-        g_ang = pos.new_zeros(n, self.n_functions - self.n_radial).index_add(
-            0, pairs[0, triples[0]], (wp[:, :, None, None] * ang[:, None]).flatten(1))
-        return torch.cat([g_rad, g_ang], dim=1)
+        pair_slot = e_j * n + pairs[0]
+        triple_slot = (e_j[triples[0]] * n_elements + e_j[triples[1]]) * n + pairs[0][triples[0]]
+        return pair_slot, triple_slot
 
-    def _atomic_energies(self, x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
-        """Network energies (M, N) eV from standardised descriptors x (N, F)."""
-        out = x.new_zeros(self.members, x.shape[0])
+    def _networks(self, G: Tensor, element: Tensor) -> tuple[Tensor, Tensor]:
+        """Atomic network energies (N, M) eV and dE/dG (N, M, F) from descriptors G (N, F), each
+        element's atoms through its networks (``HDNNPEnsemble.atomic_energies_and_gradients``).
+
+        Two zero rows are appended to every element's batch, whose size is known only at run time:
+        ``with_input_gradient`` infers a size with −1, which an empty batch (an element absent from
+        the structure) leaves undetermined, and AOTInductor's batched matmul asks whether a batch
+        has one row.
+        """
+        x = self.standardizer(G)
+        inv_std = 1.0 / self.standardizer.std.to(G.dtype)
+        pad = x.new_zeros(2, x.shape[1])
+        atomic = x.new_zeros(x.shape[0], self.members)
+        dE_dG = x.new_zeros(x.shape[0], self.members, x.shape[1])
         for e, network in enumerate(self.networks):
             atoms = torch.nonzero(element == e).flatten()
-            if atoms.numel() > 0:
-                out = out.index_copy(1, atoms, network(x[atoms]))
-        return out
+            energy, grad = network.with_input_gradient(torch.cat([x[atoms], pad]), inv_std)
+            atomic = atomic.index_copy(0, atoms, energy[:, :-2].T)
+            dE_dG = dE_dG.index_copy(0, atoms, grad[:, :-2].transpose(0, 1))
+        return atomic, dE_dG
 
-    def _minus_gradient(self, energy: torch.Tensor, pos: torch.Tensor, retain_graph: bool) -> torch.Tensor:
-        """−∂energy/∂pos (N, 3) eV/Å."""
-        grad = torch.autograd.grad([energy], [pos], retain_graph=retain_graph, allow_unused=True)[0]
-        return -grad if grad is not None else torch.zeros_like(pos)
+    def _pair_gradients(
+        self, dE_dG: Tensor, data: Tensor, triples: Tensor, rad_slopes: Optional[Tensor],
+        ang_slopes: Optional[Tensor], pair_slot: Tensor, triple_slot: Tensor,
+    ) -> Tensor:
+        """dE_m/dv (P, M, 3) eV/Å of the pair vectors, from dE/dG (N, M, F), the ``pair_data`` rows
+        (P, 7 + 2E) and the term slopes, taken through the element slots."""
+        assert rad_slopes is not None and ang_slopes is not None
+        n_radial = self.pair_weights.shape[1] * rad_slopes.shape[1]
+        radial_slots = slot_gradients(dE_dG[:, :, :n_radial], self.pair_weights, rad_slopes.shape[1])
+        angular_slots = slot_gradients(dE_dG[:, :, n_radial:], self.triple_weights, ang_slopes.shape[1])
+        gradient = radial_gradient(radial_slots[pair_slot], rad_slopes, data[:, 0:3])
+        add_angular_gradient(gradient, angular_slots[triple_slot], ang_slopes, triples[0], triples[1],
+                             data[triples[0], 0:3], data[triples[1], 0:3])
+        return gradient
 
 
-def _all_pairs(n: int, device: torch.device) -> torch.Tensor:
-    """(2, N(N−1)) int64 every directed pair (i, j), i ≠ j, of N atoms."""
-    index = torch.arange(n, device=device)
-    i, j = index.repeat_interleave(n), index.repeat(n)
-    keep = i != j
-    return torch.stack([i[keep], j[keep]])
+def example_inputs(model: HDNNPEnsemble) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Tracing inputs: a 5-atom cluster of the model's first element with every pair and triple
+    (N = 5, P = 20, Q = 30: distinct sizes above 1, so that ``torch.export`` specialises none)."""
+    positions = torch.tensor([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [0.0, 1.3, 0.0], [0.0, 0.0, 1.4],
+                              [1.1, 1.0, 0.9]], dtype=torch.float64)
+    i, j = torch.arange(5).repeat_interleave(5), torch.arange(5).repeat(5)
+    pairs = torch.stack([i[i != j], j[i != j]])
+    shifts = torch.zeros(pairs.shape[1], 3, dtype=torch.float64)
+    return model.elements[:1].repeat(5), positions, pairs, shifts, find_triples(pairs, 5)
+
+
+def export_program(model: HDNNPEnsemble) -> torch.export.ExportedProgram:
+    """``model`` as an exported program with dynamic N, P and Q (``torch.export.export``)."""
+    return torch.export.export(ExportablePotential(model).eval(), example_inputs(model),
+                               dynamic_shapes=DYNAMIC_SHAPES, strict=True)
 
 
 def metadata(model: HDNNPEnsemble) -> dict[str, Any]:
-    """The metadata stored with an exported ``model`` (format, units, elements, cutoff, ...)."""
+    """The metadata stored with an exported ``model`` (format, units, elements, cutoffs, ...)."""
+    sf = model.descriptor
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lmlp_version": lmlp.__version__,
         "units": UNITS,
         "elements": model.elements.tolist(),
-        "cutoff": model.descriptor.cutoff,
+        "cutoff": sf.cutoff,
+        "angular_cutoff": sf.angular_cutoff,
+        "cutoff_function": sf.cutoff_function,
         "members": model.members,
         "activation": model.hyperparameters["activation"],
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "inputs": INPUTS,
+        "outputs": OUTPUTS,
     }
 
 
-def export_model(model: HDNNPEnsemble, path: str | os.PathLike) -> None:
-    """Write ``model`` as a TorchScript file with its metadata to ``path`` atomically."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        module = torch.jit.script(ScriptablePotential(model))
-        with atomic_path(path) as tmp:
-            torch.jit.save(module, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata(model))})
+def export_model(model: HDNNPEnsemble, path: str | os.PathLike, aoti_path: str | os.PathLike | None = None) -> None:
+    """Write ``model`` as an exported program with its metadata to ``path`` (``.pt2``) atomically,
+    and with ``aoti_path`` (ending in ``.pt2``) also an AOTInductor package compiled for this machine."""
+    program = export_program(model)
+    meta = json.dumps(metadata(model))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.export.save(program, fh, extra_files={METADATA_FILE: meta})
+    if aoti_path is not None:
+        with atomic_path(aoti_path) as tmp, open(tmp, "wb") as fh:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=fh, inductor_configs={"aot_inductor.metadata": {METADATA_FILE: meta}})
+
+
+class Prediction(NamedTuple):
+    """Member energies (M,) float64 eV, forces (M, N, 3) eV/Å and, for periodic cells, virials
+    (M, 3, 3) float64 eV (else None)."""
+
+    energies: Tensor
+    forces: Tensor
+    virials: Optional[Tensor]
+
+
+class ExportedPotential:
+    """An exported program loaded back (``load_exported``), evaluated on structures.
+
+    Attributes:
+        program: the ``torch.export.ExportedProgram``. metadata: its ``metadata.json``.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, meta: dict[str, Any]) -> None:
+        self.program = program
+        self.metadata = meta
+        self._module = program.module()
+
+    def __call__(
+        self, numbers: Tensor, positions: Tensor, cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None
+    ) -> Prediction:
+        """Predict one structure: numbers (N,), positions (N, 3) Å, cell (3, 3) Å (rows the cell
+        vectors) and pbc (3,) bool (default: periodic along all three when a cell is given)."""
+        numbers = torch.as_tensor(numbers, dtype=torch.int64)
+        positions = torch.as_tensor(positions, dtype=torch.float64)
+        periodic = cell is not None and (pbc is None or bool(torch.as_tensor(pbc).any()))
+        cells = pbcs = None
+        if periodic:
+            cells = torch.as_tensor(cell, dtype=torch.float64).reshape(1, 3, 3)
+            pbcs = torch.as_tensor(True if pbc is None else pbc, dtype=torch.bool).expand(3).reshape(1, 3)
+        nb = find_neighbors(positions, torch.tensor([0, len(numbers)]), self.metadata["cutoff"], cells, pbcs)
+        triples = angular_triples(nb.pairs, nb.vectors(positions).norm(dim=1), self.metadata["angular_cutoff"],
+                                  len(numbers))
+        energies, forces, virials = self.evaluate(numbers, positions, nb.pairs, nb.shifts, triples)
+        return Prediction(energies, forces, virials if periodic else None)
+
+    def evaluate(
+        self, numbers: Tensor, positions: Tensor, pairs: Tensor, shifts: Tensor, triples: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The program on given pairs and triples (module docstring) after checking them: ValueError
+        naming unknown elements, or describing malformed pairs, shifts or triples."""
+        self._check_elements(numbers)
+        _check_indices("pairs", pairs, len(numbers), "atom")
+        if tuple(shifts.shape) != (pairs.shape[1], 3):
+            raise ValueError(f"shifts must be (P, 3) with P = {pairs.shape[1]}, not {tuple(shifts.shape)}")
+        _check_indices("triples", triples, pairs.shape[1], "pair")
+        return self._module(numbers.to(torch.int64), positions.to(torch.float64), pairs, shifts.to(torch.float64),
+                            triples)
+
+    def _check_elements(self, numbers: Tensor) -> None:
+        """ValueError naming the atomic numbers the model does not know."""
+        unknown = sorted(set(numbers.tolist()) - set(self.metadata["elements"]))
+        if unknown:
+            raise ValueError(f"the model does not know the elements with Z = {unknown}")
+
+
+def _check_indices(name: str, index: Tensor, bound: int, kind: str) -> None:
+    """ValueError unless ``index`` is (2, K) int64 with entries in [0, bound)."""
+    if index.dim() != 2 or index.shape[0] != 2 or index.dtype != torch.int64 or (
+            index.numel() > 0 and (int(index.min()) < 0 or int(index.max()) >= bound)):
+        raise ValueError(f"{name} must be (2, K) int64 {kind} indices below {bound}, "
+                         f"not {tuple(index.shape)} {index.dtype}")
+
+
+def load_exported(path: str | os.PathLike) -> ExportedPotential:
+    """The exported program in ``path`` (``export_model``) with its metadata; ValueError if it is
+    not an lmlp export."""
+    extra = {METADATA_FILE: ""}
+    serde_log = logging.getLogger("torch._export.serde.serialize")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # it warns about sizes of the trace that the graph no longer uses
+    try:
+        with open(path, "rb") as fh:
+            program = torch.export.load(fh, extra_files=extra)
+    finally:
+        serde_log.setLevel(level)
+    meta = json.loads(extra[METADATA_FILE] or "{}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an lmlp export (format {meta.get('format')!r})")
+    return ExportedPotential(program, meta)

@@ -28,6 +28,7 @@ from ase.constraints import FixCom
 from ase.io.trajectory import Trajectory
 from ase.md.langevin import Langevin
 from ase.md.md import MolecularDynamics
+from ase.md.nose_hoover_chain import IsotropicMTKNPT
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 from ase.optimize.optimize import Dynamics
@@ -44,7 +45,11 @@ from lmlp.data.convert import H5_SUFFIXES, read_images
 from lmlp.errors import LmlpError
 from lmlp.model import HDNNPEnsemble
 
-ENSEMBLES = ("nve", "nvt")
+ENSEMBLES = ("nve", "nvt", "npt")
+NPT_THERMOSTAT_STEPS = 100
+"""NPT thermostat time constant in time steps (ASE's recommendation)."""
+NPT_BAROSTAT_STEPS = 1000
+"""NPT barostat time constant in time steps (ASE's recommendation)."""
 KEPT_INFO = ("charge", "label")
 """Info keys of the start structure carried into flagged structures."""
 
@@ -125,17 +130,26 @@ class UncertaintyMonitor:
 
 
 class _EnergyTracker:
-    """Observer: total energy E_pot + E_kin (eV) against its first value, and the temperature."""
+    """Observer: the conserved energy (eV) against its first value, the temperature and the volume.
 
-    def __init__(self, atoms: Atoms) -> None:
+    The conserved energy is E_pot + E_kin, or for NPT the MTK integrator's conserved quantity
+    (which adds the thermostat and barostat energies and pV)."""
+
+    def __init__(self, atoms: Atoms, dyn: MolecularDynamics) -> None:
         self.atoms = atoms
+        self.conserved = getattr(dyn, "get_conserved_energy", None)
         self.first: float | None = None
         self.last = 0.0
         self.max_deviation = 0.0
         self.temperatures: list[float] = []
+        self.volumes: list[float] = []
 
     def __call__(self) -> None:
-        total = self.atoms.get_potential_energy() + self.atoms.get_kinetic_energy()
+        if self.conserved is not None:
+            total = self.conserved()
+        else:
+            total = self.atoms.get_potential_energy() + self.atoms.get_kinetic_energy()
+        self.volumes.append(self.atoms.cell.volume)
         if self.first is None:
             self.first = total
         self.last = total
@@ -148,11 +162,13 @@ class MDSummary:
     """What ``run_md`` did.
 
     Attributes:
-        steps: MD steps run. n_atoms: atoms simulated. ensemble: "nve" or "nvt".
+        steps: MD steps run. n_atoms: atoms simulated. ensemble: "nve", "nvt" or "npt".
         timestep_fs: time step, fs. wall_time_s: wall-clock time of the steps, s.
-        energy_drift: |E_tot(end) − E_tot(start)| / N in meV/atom (NVE; None for NVT).
-        max_energy_deviation: max_t |E_tot(t) − E_tot(start)| / N in meV/atom (NVE; None for NVT).
+        energy_drift: |E(end) − E(start)| / N in meV/atom of the conserved energy (NVE: E_tot;
+            NPT: the MTK conserved quantity; None for Langevin NVT).
+        max_energy_deviation: max_t |E(t) − E(start)| / N in meV/atom (likewise).
         mean_temperature: mean instantaneous temperature, K.
+        mean_volume: mean cell volume, Å³ (periodic cells; None for molecules).
         max_energy_uncertainty: largest ensemble energy standard deviation per atom, meV/atom.
         max_force_uncertainty: largest force-component standard deviation, meV/Å.
         thresholds: the uncertainty thresholds, or None when the model has no validation (or test) RMSEs.
@@ -170,6 +186,7 @@ class MDSummary:
     energy_drift: float | None
     max_energy_deviation: float | None
     mean_temperature: float
+    mean_volume: float | None
     max_energy_uncertainty: float
     max_force_uncertainty: float
     thresholds: UncertaintyThresholds | None
@@ -189,10 +206,11 @@ class MDSummary:
         lines = [
             f"MD {self.ensemble.upper()}: {self.steps} steps of {self.timestep_fs:g} fs "
             f"({self.steps * self.timestep_fs / 1000:g} ps), {self.n_atoms} atoms, {self.wall_time_s:.1f} s "
-            f"({self.steps_per_second:.0f} steps/s), mean temperature {self.mean_temperature:.0f} K",
+            f"({self.steps_per_second:.0f} steps/s), mean temperature {self.mean_temperature:.0f} K"
+            + (f", mean volume {self.mean_volume:.1f} Å³" if self.mean_volume is not None else ""),
         ]
         if self.energy_drift is not None:
-            lines.append(f"total energy drift {self.energy_drift:.4f} meV/atom "
+            lines.append(f"{'conserved' if self.ensemble == 'npt' else 'total'} energy drift {self.energy_drift:.4f} meV/atom "
                          f"(max deviation {self.max_energy_deviation:.4f} meV/atom)")
         t = self.thresholds
         limits = (f" (thresholds {t.energy_per_atom * 1000:.2f} meV/atom, {t.forces * 1000:.0f} meV/Å)"
@@ -226,15 +244,20 @@ def read_start(path: str | os.PathLike, index: int = 0) -> Atoms:
 
 def make_dynamics(
     atoms: Atoms, ensemble: str, timestep_fs: float, temperature_K: float, friction_per_fs: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator, pressure_bar: float = 1.0,
 ) -> MolecularDynamics:
-    """Velocity Verlet ("nve") or Langevin ("nvt") dynamics of ``atoms``.
+    """Velocity Verlet ("nve"), Langevin ("nvt") or MTK isotropic NPT ("npt": Nosé–Hoover chains,
+    ASE's ``IsotropicMTKNPT``, external pressure ``pressure_bar``) dynamics of ``atoms``.
 
     Langevin keeps the centre of mass fixed with a ``FixCom`` constraint (added to ``atoms``), not
     with ``fixcm=True``, which for a 6-atom SN2 complex at 600 K heats it to about 1500 K.
     """
     if ensemble == "nve":
         return VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+    if ensemble == "npt":
+        dt = timestep_fs * units.fs
+        return IsotropicMTKNPT(atoms, timestep=dt, temperature_K=temperature_K, pressure_au=pressure_bar * units.bar,
+                               tdamp=NPT_THERMOSTAT_STEPS * dt, pdamp=NPT_BAROSTAT_STEPS * dt)
     atoms.set_constraint([*atoms.constraints, FixCom()])
     return Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
                     friction=friction_per_fs / units.fs, fixcm=False, rng=rng)
@@ -248,8 +271,9 @@ def _check_arguments(ensemble: str, temperature_K: float, timestep_fs: float, st
         raise LmlpError(f"steps must be >= 0, got {steps}")
     if not timestep_fs > 0:
         raise LmlpError(f"the time step must be > 0 fs, got {timestep_fs}")
-    if not temperature_K >= 0 or (ensemble == "nvt" and temperature_K == 0):
-        raise LmlpError(f"the temperature must be {'> 0' if ensemble == 'nvt' else '>= 0'} K, got {temperature_K}")
+    thermostat = ensemble in ("nvt", "npt")
+    if not temperature_K >= 0 or (thermostat and temperature_K == 0):
+        raise LmlpError(f"the temperature must be {'> 0' if thermostat else '>= 0'} K, got {temperature_K}")
     if ensemble == "nvt" and not friction_per_fs > 0:
         raise LmlpError(f"the Langevin friction must be > 0 per fs, got {friction_per_fs}")
     if trajectory_interval < 1:
@@ -279,6 +303,8 @@ def run_md(
     observers: Sequence[tuple[Callable[[Atoms], None], int]] = (),
     threads: int | None = 1,
     progress: bool = False,
+    pressure_bar: float = 1.0,
+    backend: str = "script",
 ) -> MDSummary:
     """Run MD of ``start`` with the lMLP ``model`` and return a summary.
 
@@ -286,7 +312,8 @@ def run_md(
         model: a model file or an ``HDNNPEnsemble`` (then ``metadata`` gives its validation RMSEs).
         start: a structure file (lmlp HDF5 or anything ASE reads; structure ``start_index``) or
             ``Atoms`` (copied).
-        ensemble: "nve" (velocity Verlet) or "nvt" (Langevin, ``friction_per_fs`` in 1/fs).
+        ensemble: "nve" (velocity Verlet), "nvt" (Langevin, ``friction_per_fs`` in 1/fs) or "npt"
+            (MTK, isotropic cell fluctuations at ``pressure_bar``; needs a cell periodic in x, y, z).
         temperature_K: Maxwell–Boltzmann start velocities (zero centre-of-mass momentum) and, for
             NVT, the bath temperature, K.
         timestep_fs, steps: time step (fs) and number of steps.
@@ -302,10 +329,14 @@ def run_md(
             overhead-bound and run fastest on one; several threads can make every step wait for a
             busy core.
         progress: show a progress bar.
+        pressure_bar: NPT external pressure, bar.
+        backend: the calculator's kernel backend (``LMLPCalculator``).
     """
     _check_arguments(ensemble, temperature_K, timestep_fs, steps, friction_per_fs, trajectory_interval)
     atoms = start.copy() if isinstance(start, Atoms) else read_start(start, start_index)
-    calc = LMLPCalculator(model, dtype=dtype, min_distance=min_distance, metadata=metadata)
+    if ensemble == "npt" and not atoms.pbc.all():
+        raise LmlpError(f"NPT needs a cell periodic in x, y and z; the start structure has pbc {atoms.pbc.tolist()}")
+    calc = LMLPCalculator(model, dtype=dtype, min_distance=min_distance, metadata=metadata, backend=backend)
     thresholds = UncertaintyThresholds.from_metadata(calc.metadata, energy_factor, force_factor)
     if flagged_path is not None and thresholds is None:
         raise LmlpError("the model file has no validation or test RMSEs (metadata validation_rmse_e, test_rmse_e): "
@@ -316,22 +347,23 @@ def run_md(
     if temperature_K > 0:
         thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
         Stationary(atoms)
-    dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, rng)
+    dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, rng, pressure_bar)
     monitor = UncertaintyMonitor(dyn, flagged_path, thresholds or UncertaintyThresholds(np.inf, np.inf),
                                  max_flagged, flag_interval)
-    energy = _EnergyTracker(atoms)
+    energy = _EnergyTracker(atoms, dyn)
     dyn.attach(monitor, interval=1)
     dyn.attach(energy, interval=1)
     for function, interval in observers:
         dyn.attach(function, interval, atoms)
     with _trajectory(dyn, out_trajectory, trajectory_interval):
         wall = _run(dyn, steps, threads, progress)
-    per_atom = 1000.0 / len(atoms) if ensemble == "nve" else None
+    per_atom = 1000.0 / len(atoms) if ensemble != "nvt" else None
     return MDSummary(
         steps=steps, n_atoms=len(atoms), ensemble=ensemble, timestep_fs=timestep_fs, wall_time_s=wall,
         energy_drift=abs(energy.last - energy.first) * per_atom if per_atom else None,
         max_energy_deviation=energy.max_deviation * per_atom if per_atom else None,
         mean_temperature=float(np.mean(energy.temperatures)),
+        mean_volume=float(np.mean(energy.volumes)) if atoms.pbc.any() else None,
         max_energy_uncertainty=monitor.max_energy_uncertainty * 1000,
         max_force_uncertainty=monitor.max_force_uncertainty * 1000,
         thresholds=thresholds, n_uncertain=monitor.n_uncertain, n_flagged=monitor.n_written,

@@ -41,6 +41,19 @@ def _softplus(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 ACTIVATIONS = {"scaled_tanh": _scaled_tanh, "tanh": _tanh, "silu": _silu, "softplus": _softplus}
 """Hidden-layer activations: z ↦ (f(z), f'(z))."""
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+"""Activation name → the integer ``activate`` takes (compiled code dispatches on integers)."""
+
+
+def activate(z: torch.Tensor, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(z), f'(z)) of the activation ``ACTIVATION_CODES`` names ``code``; TorchScript-compatible."""
+    if code == 0:
+        return _scaled_tanh(z)
+    if code == 1:
+        return _tanh(z)
+    if code == 2:
+        return _silu(z)
+    return _softplus(z)
 
 
 class StackedMLP(torch.nn.Module):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from ase.calculators.calculator import PropertyNotImplementedError
 from ase.optimize import BFGS
 from factories import TINY
 
@@ -75,12 +76,27 @@ def assert_matches_model(calc: LMLPCalculator, model: HDNNPEnsemble, atoms: Atom
     (DescriptorConfig(angular_form="g4"), (8,)),
     (DescriptorConfig(kind="acsf"), ()),
     (DescriptorConfig(), (6, 5, 4)),
+    (DescriptorConfig(angular_cutoff=3.0, cutoff_function="poly2"), (8,)),
+    (DescriptorConfig(angular_form="g4", angular_cutoff=4.0, cutoff_function="poly1"), (8,)),
 ])
 def test_members_equal_the_model_forward(tiny, descriptor, hidden):
     model = build_model(tiny, descriptor, hidden)
     calc = LMLPCalculator(model)
     for i in INDICES:
         assert_matches_model(calc, model, tiny.atoms(i))
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
+def test_kernel_backends_equal_the_model_forward(tiny, backend):
+    model = build_model(tiny, DescriptorConfig(angular_form="g4", angular_cutoff=4.0, cutoff_function="poly2"))
+    calc = LMLPCalculator(model, backend=backend)
+    for i in INDICES:
+        assert_matches_model(calc, model, tiny.atoms(i))
+
+
+def test_unknown_backend_is_named(model):
+    with pytest.raises(ValueError, match="unknown kernel backend 'jit'"):
+        LMLPCalculator(model, backend="jit")
 
 
 def test_blocked_and_per_element_paths_equal_the_model_forward(tiny, model, monkeypatch):
@@ -100,6 +116,43 @@ def test_periodic_cells_equal_the_model_forward(tiny, pbc):
     atoms.set_cell(np.diag([6.0, 7.0, 6.5]))
     atoms.pbc = pbc
     assert_matches_model(LMLPCalculator(model), model, atoms)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_stress_equals_the_strain_derivative_of_the_energy(tiny, monkeypatch, blocked):
+    if blocked:
+        monkeypatch.setattr(calculator, "BLOCK_FLOATS", 400)
+        monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    model = build_model(tiny, DescriptorConfig(cutoff=5.0, angular_cutoff=3.5))
+    atoms = tiny.atoms(3)
+    atoms.set_cell([[6.0, 0.3, 0.0], [-0.4, 5.5, 0.2], [0.1, 0.0, 6.2]])  # triclinic, images within the cutoff
+    atoms.pbc = True
+    atoms.calc = LMLPCalculator(model)
+    stress = atoms.get_stress(voigt=False)
+    numerical = np.zeros((3, 3))
+    h = 1e-5
+    for a, b in np.ndindex(3, 3):  # (1/V) ∂E/∂ε_ab, strained cell (I + ε) h, atoms moved along
+        energies = []
+        for step in (h, -h):
+            strain = np.eye(3)
+            strain[a, b] += step
+            strained = atoms.copy()
+            strained.calc = LMLPCalculator(model)
+            strained.set_cell(atoms.cell.array @ strain.T, scale_atoms=True)
+            energies.append(strained.get_potential_energy())
+        numerical[a, b] = (energies[0] - energies[1]) / (2 * h * atoms.get_volume())
+    np.testing.assert_allclose(stress, numerical, rtol=0, atol=1e-7)
+    assert np.abs(stress).max() > 1e-2
+    stress = atoms.get_stress()
+    assert atoms.calc.results["stress_members"].shape == (3, 6)
+    np.testing.assert_allclose(atoms.calc.results["stress_members"].mean(0), stress, rtol=1e-12)
+
+
+def test_molecules_have_no_stress(tiny, model):
+    atoms = tiny.atoms(0)
+    atoms.calc = LMLPCalculator(model)
+    with pytest.raises(PropertyNotImplementedError):
+        atoms.get_stress()
 
 
 def test_verlet_list_follows_atoms_across_the_cutoff(tiny):

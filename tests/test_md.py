@@ -121,6 +121,29 @@ def test_short_nve_run_conserves_energy(model_file, start):
     assert summary.min_distance == 0.8
 
 
+def test_npt_conserves_the_mtk_energy_and_compresses_under_pressure(start):
+    """Two SN2 complexes in a periodic 9 Å box, a 5 Å / 4 Å cutoff model: the MTK conserved energy
+    drifts by 67 meV/atom in this run when the stress has the wrong sign."""
+    s, _ = read_structures(TINY)
+    elements = sorted(set(s.numbers.tolist()))
+    sf = SymmetryFunctions.from_config(DescriptorConfig(cutoff=5.0, angular_cutoff=4.0))
+    G = sf(*map(torch.from_numpy, (s.numbers, s.positions, s.offsets)))
+    e_ref = torch.from_numpy(fit_reference_energies(s.numbers, s.offsets, s.energy, elements))
+    model = HDNNPEnsemble(sf, Standardizer.fit(G), elements, e_ref, hidden=[8, 8], members=3)
+    for network in model.networks:
+        network.weights[-1].data *= 0.2
+    other = start.copy()
+    other.positions += 4.0
+    box = start + other
+    box.set_cell(np.eye(3) * 9.0, scale_atoms=False)
+    box.pbc = True
+    summary = run_md(model, box, ensemble="npt", temperature_K=300, timestep_fs=0.25, steps=200,
+                     dtype=torch.float64, pressure_bar=1e4, seed=1)
+    assert summary.energy_drift < 0.05 and summary.max_energy_deviation < 0.1, summary.format()
+    assert summary.mean_volume < 0.95 * 9.0**3
+    assert "MD NPT: 200 steps" in summary.format() and "conserved energy drift" in summary.format()
+
+
 def test_nvt_run_writes_trajectory_and_flagged_structures(tmp_path, model_file, start):
     summary = run_md(model_file, start, ensemble="nvt", temperature_K=300, steps=30, seed=2,
                      out_trajectory=tmp_path / "md.traj", trajectory_interval=10,
@@ -172,7 +195,9 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     (("absent.pt", "{start}"), "absent.pt: no such model file"),
     (("{model}", "absent.xyz"), "absent.xyz: no such file"),
     (("{model}", "{sodium}"), "the model knows only H, C, F, Cl, Br, I; the structure has Na (Z = 11)"),
-    (("{model}", "{start}", "--ensemble", "npt"), "unknown ensemble 'npt'; valid: nve, nvt"),
+    (("{model}", "{start}", "--ensemble", "nph"), "unknown ensemble 'nph'; valid: nve, nvt, npt"),
+    (("{model}", "{start}", "--ensemble", "npt"), "NPT needs a cell periodic in x, y and z; the start structure "
+                                                   "has pbc [False, False, False]"),
     (("{model}", "{start}", "--timestep", "0"), "the time step must be > 0 fs, got 0.0"),
 ])
 def test_cli_md_bad_input_is_one_line(tmp_path, monkeypatch, capsys, model_file, start, args, message):

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.func import jacfwd, vmap
 
-from lmlp.descriptors.neighbors import find_neighbors, find_triples
-from lmlp.descriptors.terms import angular_terms, radial_terms
+from lmlp.descriptors.neighbors import Neighbors, find_neighbors, find_triples
+from lmlp.descriptors.terms import CUTOFF_FUNCTIONS, TermParameters, angular_norms
 from lmlp.elements import MAX_Z, WEIGHT_TYPE_MAX, weight_table
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ class SymmetryFunctions(torch.nn.Module):
     """eeACSF or plain-ACSF descriptor of every atom of a batch of structures.
 
     Args:
-        cutoff: R_c in Å.
+        cutoff: R_c of the radial functions, Å.
         radial_eta, radial_rs: paired (η in Å⁻², r_s in Å) of the radial functions.
         angular_eta: η of the angular functions, Å⁻².
         angular_lambda, angular_zeta: every combination (λ, ζ) is used.
@@ -128,6 +127,8 @@ class SymmetryFunctions(torch.nn.Module):
         angular_form: "g5" (no r_jk factor) or "g4".
         kind: "eeacsf" or "acsf" (plain, per element; needs ``elements``).
         elements: atomic numbers, for ``kind="acsf"``.
+        angular_cutoff: R_c of the angular functions, Å, at most ``cutoff``; None: ``cutoff``.
+        cutoff_function: one of ``terms.CUTOFF_FUNCTIONS``, for both cutoffs.
     """
 
     def __init__(
@@ -144,17 +145,27 @@ class SymmetryFunctions(torch.nn.Module):
         angular_form: str = "g5",
         kind: str = "eeacsf",
         elements: list[int] | None = None,
+        angular_cutoff: float | None = None,
+        cutoff_function: str = "cos",
     ) -> None:
         super().__init__()
+        angular_cutoff = float(cutoff if angular_cutoff is None else angular_cutoff)
+        if not 0 < angular_cutoff <= cutoff:
+            raise ValueError(f"angular cutoff {angular_cutoff} Å must lie in (0, {cutoff}] Å")
+        if cutoff_function not in CUTOFF_FUNCTIONS:
+            raise ValueError(f"unknown cutoff function {cutoff_function!r}; expected one of {CUTOFF_FUNCTIONS}")
         self.hyperparameters = dict(
             cutoff=float(cutoff), radial_eta=list(radial_eta), radial_rs=list(radial_rs),
             angular_eta=list(angular_eta), angular_lambda=list(angular_lambda),
             angular_zeta=list(angular_zeta), radial_types=list(radial_types),
             angular_types=list(angular_types), angular_pair_weights=list(angular_pair_weights),
             angular_form=angular_form, kind=kind, elements=None if elements is None else list(elements),
+            angular_cutoff=angular_cutoff, cutoff_function=cutoff_function,
         )
         """The constructor arguments, to rebuild the descriptor from a model file."""
         self.cutoff = float(cutoff)
+        self.angular_cutoff = angular_cutoff
+        self.cutoff_function = cutoff_function
         self.g4 = angular_form == "g4"
         self.kind = kind
         combos = list(itertools.product(angular_lambda, angular_zeta))
@@ -191,6 +202,8 @@ class SymmetryFunctions(torch.nn.Module):
             angular_form=cfg.angular_form,
             kind=cfg.kind,
             elements=elements,
+            angular_cutoff=cfg.angular_cutoff,
+            cutoff_function=cfg.cutoff_function,
         )
 
     @property
@@ -202,6 +215,13 @@ class SymmetryFunctions(torch.nn.Module):
         n_angular = self.pair_weights.shape[2] * len(self.angular_eta) * len(self.angular_zeta)
         return self.n_radial + n_angular
 
+    def terms(self, dtype: torch.dtype) -> TermParameters:
+        """The term parameters in ``dtype``, with the term functions bound to them."""
+        lam, zeta = self.angular_lambda.to(dtype), self.angular_zeta.to(dtype)
+        return TermParameters(
+            self.radial_eta.to(dtype), self.radial_rs.to(dtype), self.angular_eta.to(dtype), lam, zeta,
+            *angular_norms(lam, zeta), self.cutoff, self.angular_cutoff, self.cutoff_function, self.g4)
+
     def forward(
         self,
         numbers: torch.Tensor,
@@ -211,19 +231,12 @@ class SymmetryFunctions(torch.nn.Module):
         pbc: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Descriptors G (N, F); differentiable in ``positions`` (N, 3) Å (the autograd path)."""
-        nb = find_neighbors(positions, offsets, self.cutoff, cells, pbc)
-        vectors = nb.vectors(positions)
-        triples = find_triples(nb.pairs, len(numbers))
+        nb, terms, pairs, triples = self._geometry(positions, offsets, cells, pbc)
         wn, wp = self._weights(numbers, nb.pairs, triples, positions.dtype)
-        rad = radial_terms(vectors, *self._radial_params(positions.dtype), self.cutoff)
-        ang = angular_terms(vectors[triples[0]], vectors[triples[1]], *self._angular_params(positions.dtype),
-                            self.cutoff, self.g4)
-        g_rad = (wn[:, :, None] * rad[:, None, :]).flatten(1)
-        g_ang = (wp[:, :, None, None] * ang[:, None]).flatten(1)
-        G = positions.new_zeros(len(numbers), self.n_functions)
-        G[:, : self.n_radial].index_add_(0, nb.pairs[0], g_rad)
-        G[:, self.n_radial :].index_add_(0, nb.pairs[0, triples[0]], g_ang)
-        return G
+        rad, _ = terms.radial(pairs, False)
+        ang, _ = terms.angular(pairs[triples[0]], pairs[triples[1]], False)
+        n = len(numbers)
+        return torch.cat([weighted_sum(rad, wn, nb.pairs[0], n), weighted_sum(ang, wp, nb.pairs[0, triples[0]], n)], 1)
 
     def with_derivatives(
         self,
@@ -233,37 +246,27 @@ class SymmetryFunctions(torch.nn.Module):
         cells: torch.Tensor | None = None,
         pbc: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Derivatives]:
-        """Descriptors G (N, F) and their sparse derivatives dG/dR (forward-mode, exact)."""
+        """Descriptors G (N, F) and their sparse derivatives dG/dR (the terms' analytic slopes)."""
         positions = positions.detach()
         n = len(numbers)
-        dtype = positions.dtype
-        nb = find_neighbors(positions, offsets, self.cutoff, cells, pbc)
-        vectors = nb.vectors(positions)
-        triples = find_triples(nb.pairs, n)
-        wn, wp = self._weights(numbers, nb.pairs, triples, dtype)
-        radial = self._radial_params(dtype)
-        angular = self._angular_params(dtype)
-
-        def rad_fn(v: torch.Tensor) -> torch.Tensor:
-            return radial_terms(v, *radial, self.cutoff)
-
-        def ang_fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return angular_terms(a, b, *angular, self.cutoff, self.g4).flatten()
-
-        rad = rad_fn(vectors)
-        d_rad = vmap(jacfwd(rad_fn))(vectors)  # (P, K, 3)
+        nb, terms, pairs, triples = self._geometry(positions, offsets, cells, pbc)
+        wn, wp = self._weights(numbers, nb.pairs, triples, positions.dtype)
+        units = pairs[:, 0:3]
+        rad, slope = terms.radial(pairs, True)
         G = positions.new_zeros(n, self.n_functions)
-        G[:, : self.n_radial].index_add_(0, nb.pairs[0], (wn[:, :, None] * rad[:, None, :]).flatten(1))
+        G[:, : self.n_radial] = weighted_sum(rad, wn, nb.pairs[0], n)
         pair_values = positions.new_zeros(nb.pairs.shape[1], self.n_functions, 3)
+        d_rad = slope[:, :, None] * units[:, None, :]  # (P, K, 3)
         pair_values[:, : self.n_radial] = (wn[:, :, None, None] * d_rad[:, None]).flatten(1, 2)
 
         angular_G, angular_values = G[:, self.n_radial :], pair_values[:, self.n_radial :]
         for block in torch.split(torch.arange(triples.shape[1], device=positions.device), TRIPLES_PER_BLOCK):
             t, w = triples[:, block], wp[block]
-            v_j, v_k = vectors[t[0]], vectors[t[1]]
-            ang = angular_terms(v_j, v_k, *angular, self.cutoff, self.g4).flatten(1)
-            d_ang_j, d_ang_k = vmap(jacfwd(ang_fn, argnums=(0, 1)))(v_j, v_k)  # (Q, EL, 3) each
-            angular_G.index_add_(0, nb.pairs[0, t[0]], (w[:, :, None] * ang[:, None]).flatten(1))
+            ang, c = terms.angular(pairs[t[0]], pairs[t[1]], True)  # (Q, EL), (Q, EL, 4)
+            u_j, u_k = units[t[0], None, :], units[t[1], None, :]
+            d_ang_j = c[:, :, 0:1] * u_j + c[:, :, 1:2] * u_k  # (Q, EL, 3)
+            d_ang_k = c[:, :, 2:3] * u_k + c[:, :, 3:4] * u_j
+            angular_G += weighted_sum(ang, w, nb.pairs[0, t[0]], n)
             angular_values.index_add_(0, t[0], (w[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2))
             angular_values.index_add_(0, t[1], (w[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2))
         # Translation invariance: dG_i/dR_i = −Σ_j dG_i/dR_j over the pair slots of centre i.
@@ -277,6 +280,17 @@ class SymmetryFunctions(torch.nn.Module):
         )
         return G, derivatives
 
+    def _geometry(
+        self, positions: torch.Tensor, offsets: torch.Tensor, cells: torch.Tensor | None, pbc: torch.Tensor | None
+    ) -> tuple[Neighbors, TermParameters, torch.Tensor, torch.Tensor]:
+        """Neighbour pairs within the cutoff, the term parameters, the ``pair_data`` rows (P, 7 + 2E)
+        and the triples (2, Q) of pairs within the angular cutoff."""
+        nb = find_neighbors(positions, offsets, self.cutoff, cells, pbc)
+        terms = self.terms(positions.dtype)
+        pairs = terms.pair_data(nb.vectors(positions))
+        triples = angular_triples(nb.pairs, pairs[:, 3].detach(), self.angular_cutoff, len(positions))
+        return nb, terms, pairs, triples
+
     def _weights(
         self, numbers: torch.Tensor, pairs: torch.Tensor, triples: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,11 +300,22 @@ class SymmetryFunctions(torch.nn.Module):
         wp = self.pair_weights.to(dtype)[z_j[triples[0]], z_j[triples[1]]]
         return wn, wp
 
-    def _radial_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.radial_eta.to(dtype), self.radial_rs.to(dtype)
 
-    def _angular_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.angular_eta.to(dtype), self.angular_lambda.to(dtype), self.angular_zeta.to(dtype)
+def weighted_sum(terms: torch.Tensor, weights: torch.Tensor, centres: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """Descriptor part (N, W·C), weight-major: Σ over the pairs or triples b of centre i of
+    weights[b] (B, W) ⊗ terms[b] (B, C); ``centres`` (B,) the centre atom of each. TorchScript-compatible."""
+    out = terms.new_zeros(n_atoms, weights.shape[1] * terms.shape[1])
+    return out.index_add(0, centres, (weights[:, :, None] * terms[:, None, :]).flatten(1))
+
+
+def angular_triples(pairs: torch.Tensor, distances: torch.Tensor, angular_cutoff: float, n_atoms: int) -> torch.Tensor:
+    """(2, Q) pair indices (p, q), p < q, of every two pairs of one centre both shorter than ``angular_cutoff``.
+
+    Args:
+        pairs: (2, P) directed pairs. distances: (P,) their lengths, Å. n_atoms: N.
+    """
+    inside = torch.nonzero(distances < angular_cutoff).flatten()
+    return inside[find_triples(pairs[:, inside], n_atoms)]
 
 
 def eeacsf_weights(

@@ -4,6 +4,9 @@ A batch of structures is given as flat arrays: ``positions`` (N, 3) Å and per-s
 ``offsets`` (S + 1,). Pairs are directed: ``pairs[:, p] = (i, j)`` means atom j is within the
 cutoff of centre i; ``vectors[p] = R_j − R_i (+ cell shift)`` in Å. Triples are unordered
 neighbour pairs (j < k in pair order) of one centre, given as two pair indices.
+
+Small molecules of a batch share one vectorised all-pairs search; periodic and larger structures
+use vesin's cell list (linear in the number of atoms in time and memory), one call per structure.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ase import Atoms
-from ase.neighborlist import neighbor_list
+from vesin import NeighborList
+
+from lmlp.errors import DataError
 
 ALL_PAIRS_MAX_ATOMS = 256
-"""Molecules up to this size use the dense all-pairs search; larger ones ASE's cell list."""
+"""Molecules up to this size use the dense all-pairs search; larger ones vesin's cell list."""
 
 
 @dataclass
@@ -49,16 +53,19 @@ def find_neighbors(
         positions: (N, 3) Å.
         offsets: (S + 1,) atom offsets of the S structures.
         cutoff: Å.
-        cells: (S, 3, 3) Å cell vectors, or None for molecules.
+        cells: (S, 3, 3) Å cell vectors (rows), or None for molecules.
         pbc: (S, 3) bool periodic directions, or None.
+
+    Raises:
+        DataError: a structure is periodic along cell vectors that span no volume (area, length).
     """
     counts = (offsets[1:] - offsets[:-1]).cpu()
     periodic = pbc.any(dim=1).cpu() if pbc is not None else torch.zeros(len(counts), dtype=torch.bool)
     dense = ~periodic & (counts <= ALL_PAIRS_MAX_ATOMS)
     parts = [_all_pairs(positions, offsets.cpu(), counts, dense, cutoff)]
     for s in torch.nonzero(~dense).flatten().tolist():
-        parts.append(_ase_pairs(positions, int(offsets[s]), int(offsets[s + 1]), cutoff,
-                                None if cells is None else cells[s], None if pbc is None else pbc[s]))
+        parts.append(_cell_list_pairs(positions, int(offsets[s]), int(offsets[s + 1]), cutoff,
+                                      None if cells is None else cells[s], None if pbc is None else pbc[s]))
     pairs = torch.cat([p for p, _ in parts], dim=1).to(positions.device)
     shifts = torch.cat([s for _, s in parts]).to(device=positions.device, dtype=positions.dtype)
     return Neighbors(pairs=pairs, shifts=shifts)
@@ -85,20 +92,25 @@ def _all_pairs(
     return pairs, torch.zeros(pairs.shape[1], 3, dtype=torch.float64)
 
 
-def _ase_pairs(
+def _cell_list_pairs(
     positions: torch.Tensor, start: int, end: int, cutoff: float, cell: torch.Tensor | None,
     pbc: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs of one structure from ASE's cell-list neighbour search (periodic images included)."""
-    atoms = Atoms(
-        positions=positions[start:end].detach().cpu().double().numpy(),
-        cell=None if cell is None else cell.detach().cpu().double().numpy(),
-        pbc=False if pbc is None else pbc.cpu().numpy(),
-    )
-    i, j, shift = neighbor_list("ijS", atoms, cutoff)
-    cart = shift @ atoms.cell.array if len(i) else np.zeros((0, 3))
-    pairs = torch.from_numpy(np.stack([i, j]).astype(np.int64) + start)
-    return pairs, torch.from_numpy(cart)
+    """(2, P) pairs and (P, 3) float64 Cartesian shifts in Å of atoms ``start:end`` from vesin's
+    cell list, periodic images included, on ``torch.get_num_threads()`` threads.
+
+    vesin ignores the cell along non-periodic directions, so a molecule's cell and a slab's third
+    vector may be zero; periodic directions need cell vectors that span a volume (area, length).
+    """
+    box = np.zeros((3, 3)) if cell is None else cell.detach().cpu().double().numpy()
+    periodic = np.zeros(3, dtype=bool) if pbc is None else np.asarray(pbc.cpu(), dtype=bool)
+    if np.linalg.matrix_rank(box[periodic]) < periodic.sum():
+        raise DataError(f"the structure of atoms {start} to {end - 1} is periodic along {periodic.tolist()} "
+                        f"but its cell vectors there, {box[periodic].tolist()} Å, are zero or linearly dependent")
+    search = NeighborList(cutoff=cutoff, full_list=True, n_threads=torch.get_num_threads())
+    ij, shifts = search.compute(positions[start:end].detach().cpu().double().numpy(), box, periodic, "PS")
+    pairs = torch.from_numpy(ij.T.astype(np.int64) + start)
+    return pairs, torch.from_numpy(shifts @ box)
 
 
 def find_triples(pairs: torch.Tensor, n_atoms: int) -> torch.Tensor:

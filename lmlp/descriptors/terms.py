@@ -1,65 +1,164 @@
-"""Radial and angular symmetry-function terms of one pair or triple, before element weights.
+"""The symmetry-function terms of one pair or triple, and their slopes: the only implementation.
 
-All functions broadcast over leading dimensions: a pair vector ``r_ij`` is (..., 3) in Å, so the
-same code serves a batch and, under ``torch.func.vmap``, one pair at a time.
+Training (``SymmetryFunctions``), the ASE calculator and the export all evaluate these functions;
+they are TorchScript-compatible so that the calculator's compiled kernels can call them.
+
+Pair data (``pair_data``), one row per pair vector v = R_j − R_i (+ cell shift), lengths in Å:
+columns 0:3 the unit vector u, 3 the distance r, 4 the radial cutoff function f_c(r), 5 its slope
+f_c'(r), 6 1/r, then per angular η the angular radial factor g(r) = exp(−η r²) f_a(r) (f_a the
+cutoff function at the angular cutoff) and then g'(r). The angular terms' radial part
+exp(−η (a² + b²)) f_a(a) f_a(b) is g(a) g(b), so it is computed per pair, not per triple.
+
+Slopes are with respect to the pair vectors: a radial term's gradient is slope · u, an angular
+term's gradients are c_0 u_j + c_1 u_k (first pair) and c_2 u_k + c_3 u_j (second pair).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
+
+CUTOFF_FUNCTIONS = ("cos", "poly1", "poly2")
+"""f_c(x), x = r / R_c, inside the cutoff: "cos" ½[cos(πx) + 1] (value and slope vanish at R_c),
+"poly1" (2x − 3)x² + 1 (value and slope vanish), "poly2" ((15 − 6x)x − 10)x³ + 1 (value, slope and
+curvature vanish); n2p2's CT_COS, CT_POLY1 and CT_POLY2."""
+G_ANGULAR = 7
+"""First column of the angular g(r) in ``pair_data``."""
 
 
-def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """f_c(r) = ½[cos(π r / R_c) + 1] for r < R_c, else 0. Value and slope vanish at R_c."""
+def cutoff_function(r: Tensor, cutoff: float, kind: str) -> Tuple[Tensor, Tensor]:
+    """(f_c(r), f_c'(r) in Å⁻¹) of distances r (any shape, Å); both 0 from R_c on (``CUTOFF_FUNCTIONS``)."""
+    x = r / cutoff
+    if kind == "cos":
+        value = 0.5 * torch.cos(math.pi * x) + 0.5
+        slope = (-0.5 * math.pi / cutoff) * torch.sin(math.pi * x)
+    elif kind == "poly1":
+        value = (2.0 * x - 3.0) * x * x + 1.0
+        slope = (6.0 / cutoff) * (x - 1.0) * x
+    elif kind == "poly2":
+        value = ((15.0 - 6.0 * x) * x - 10.0) * x * x * x + 1.0
+        slope = (-30.0 / cutoff) * ((x - 2.0) * x + 1.0) * x * x
+    else:
+        raise ValueError("unknown cutoff function " + kind)
     inside = r < cutoff
-    return torch.where(inside, 0.5 * (torch.cos(math.pi * r / cutoff) + 1.0), torch.zeros_like(r))
+    zero = torch.zeros_like(r)
+    return torch.where(inside, value, zero), torch.where(inside, slope, zero)
 
 
-def radial_terms(r_ij: torch.Tensor, eta: torch.Tensor, r_s: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """exp(−η (r − r_s)²) f_c(r) for every (η, r_s) pair.
+def pair_data(v: Tensor, cutoff: float, angular_cutoff: float, kind: str, eta: Tensor) -> Tensor:
+    """(P, 7 + 2E) pair data (module docstring) of pair vectors v (P, 3), Å; E = len(eta), Å⁻²."""
+    r = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    fc, dfc = cutoff_function(r, cutoff, kind)
+    if angular_cutoff == cutoff:
+        fa, dfa = fc, dfc
+    else:
+        fa, dfa = cutoff_function(r, angular_cutoff, kind)
+    inv_r = 1.0 / r
+    gauss = torch.exp(-eta * r * r)
+    return torch.cat([v * inv_r, r, fc, dfc, inv_r, gauss * fa, gauss * (dfa - 2.0 * eta * r * fa)], 1)
 
-    Args:
-        r_ij: (..., 3) pair vectors, Å.
-        eta: (K,) Å⁻². r_s: (K,) Å.
-    Returns:
-        (..., K)
+
+def radial(pairs: Tensor, eta: Tensor, r_s: Tensor, slopes: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Radial terms exp(−η (r − r_s)²) f_c(r) (P, K) of pairs with ``pair_data`` rows ``pairs``,
+    for the K paired (η, r_s), and, if ``slopes``, their r-derivatives (P, K) in Å⁻¹."""
+    r, fc, dfc = pairs[:, 3:4], pairs[:, 4:5], pairs[:, 5:6]
+    gauss = torch.exp(-eta * (r - r_s) ** 2)
+    slope: Optional[Tensor] = None
+    if slopes:
+        slope = gauss * (dfc - 2.0 * eta * (r - r_s) * fc)
+    return gauss * fc, slope
+
+
+def angular_norms(lam: Tensor, zeta: Tensor) -> Tuple[Tensor, Tensor]:
+    """(2^{1−ζ}, ζ λ 2^{1−ζ}) per (λ, ζ) combination: the prefactors of Θ and of dΘ/d cos θ."""
+    norm = 2.0 ** (1.0 - zeta)
+    return norm, zeta * lam * norm
+
+
+def angular(
+    first: Tensor, second: Tensor, eta: Tensor, lam: Tensor, zeta: Tensor, norm: Tensor, slope_norm: Tensor,
+    cutoff: float, angular_cutoff: float, kind: str, g4: bool, slopes: bool,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Angular terms (Q, E·L, η-major) of the triples whose two pairs have the ``pair_data`` rows
+    ``first`` and ``second``, and, if ``slopes``, their gradient coefficients (Q, E·L, 4) in Å⁻¹.
+
+    A term is R Θ(cos θ) with R = g(a) g(b) [h(d)], a = |v_j|, b = |v_k|, cos θ = u_j·u_k,
+    Θ = 2^{1−ζ} (1 + λ cos θ)^ζ (``norm``, ``slope_norm`` from ``angular_norms``), and for G4
+    d = |v_k − v_j|, h(d) = exp(−η d²) f_a(d). With ∂a/∂v_j = u_j, ∂cos θ/∂v_j = (u_k − cos θ u_j)/a,
+    ∂d/∂v_j = (a u_j − b u_k)/d and the mirror images for v_k: d/dv_j = c_0 u_j + c_1 u_k and
+    d/dv_k = c_2 u_k + c_3 u_j.
     """
-    r = torch.linalg.vector_norm(r_ij, dim=-1)[..., None]
-    return torch.exp(-eta * (r - r_s) ** 2) * cosine_cutoff(r, cutoff)
-
-
-def angular_terms(
-    r_ij: torch.Tensor,
-    r_ik: torch.Tensor,
-    eta: torch.Tensor,
-    lam: torch.Tensor,
-    zeta: torch.Tensor,
-    cutoff: float,
-    g4: bool,
-) -> torch.Tensor:
-    """2^{1−ζ} (1 + λ cos θ_ijk)^ζ exp(−η (r_ij² + r_ik²)) f_c(r_ij) f_c(r_ik) per (η, (λ, ζ)).
-
-    The G4 form multiplies each term by exp(−η r_jk²) f_c(r_jk) as well.
-
-    Args:
-        r_ij, r_ik: (..., 3) the two pair vectors from the centre, Å.
-        eta: (E,) Å⁻². lam, zeta: (L,) the (λ, ζ) combinations.
-    Returns:
-        (..., E, L)
-    """
-    # Distances keep a trailing axis of 1: under vmap, 0-d tensors times Python floats get
-    # float64 forward-mode tangents in torch 2.13.
-    a = torch.linalg.vector_norm(r_ij, dim=-1, keepdim=True)
-    b = torch.linalg.vector_norm(r_ik, dim=-1, keepdim=True)
-    cos = (r_ij * r_ik).sum(-1, keepdim=True) / (a * b)
-    exponent = a**2 + b**2
-    envelope = cosine_cutoff(a, cutoff) * cosine_cutoff(b, cutoff)
+    n_eta = eta.shape[0]
+    g0, dg0 = 7, 7 + n_eta  # G_ANGULAR (TorchScript takes no global ints)
+    uj, uk = first[:, 0:3], second[:, 0:3]
+    gj, dgj, gk, dgk = first[:, g0:dg0], first[:, dg0:], second[:, g0:dg0], second[:, dg0:]
+    cos = (uj * uk).sum(1, keepdim=True)
+    radial_ab = gj * gk  # (Q, E)
+    rad = radial_ab
+    a, b = first[:, 3:4], second[:, 3:4]
+    jk: Optional[Tensor] = None
     if g4:
-        d = torch.linalg.vector_norm(r_ik - r_ij, dim=-1, keepdim=True)
-        exponent = exponent + d**2
-        envelope = envelope * cosine_cutoff(d, cutoff)
-    radial = torch.exp(-eta * exponent) * envelope
-    angular = 2.0 ** (1.0 - zeta) * (1.0 + lam * cos).clamp(min=0.0) ** zeta
-    return radial[..., :, None] * angular[..., None, :]
+        jk = pair_data(b * uk - a * uj, cutoff, angular_cutoff, kind, eta)
+        rad = rad * jk[:, g0:dg0]
+    base = (1.0 + lam * cos).clamp(min=0.0)
+    theta = norm * base**zeta  # (Q, L)
+    values = (rad[:, :, None] * theta[:, None, :]).flatten(1)
+    if not slopes:
+        return values, None
+    inv_a, inv_b = first[:, 6:7, None], second[:, 6:7, None]
+    by_a, by_b = dgj * gk, gj * dgk  # ∂R/∂a, ∂R/∂b: (Q, E)
+    if jk is not None:
+        by_a, by_b = by_a * jk[:, g0:dg0], by_b * jk[:, g0:dg0]
+    d_theta = torch.where(base > 0, slope_norm * base ** (zeta - 1.0), torch.zeros_like(base))
+    by_cos = rad[:, :, None] * d_theta[:, None, :]  # (Q, E, L)
+    along_cos = by_cos * cos[:, :, None]
+    c0 = by_a[:, :, None] * theta[:, None, :] - along_cos * inv_a
+    c1 = by_cos * inv_a
+    c2 = by_b[:, :, None] * theta[:, None, :] - along_cos * inv_b
+    c3 = by_cos * inv_b
+    if jk is not None:
+        by_d = (radial_ab * jk[:, dg0:])[:, :, None] * theta[:, None, :] * jk[:, 6:7, None]
+        a_d, b_d = by_d * a[:, :, None], by_d * b[:, :, None]
+        c0, c1, c2, c3 = c0 + a_d, c1 - b_d, c2 + b_d, c3 - a_d
+    return values, torch.stack([c0, c1, c2, c3], 3).flatten(1, 2)
+
+
+@dataclass(frozen=True)
+class TermParameters:
+    """The parameters of a descriptor's terms in one dtype, and the term functions bound to them.
+
+    Attributes:
+        radial_eta, radial_rs: (K,) paired Å⁻², Å. angular_eta: (E,) Å⁻².
+        angular_lambda, angular_zeta: (L,) the (λ, ζ) combinations; norm, slope_norm: (L,) from
+            ``angular_norms``.
+        cutoff, angular_cutoff: Å. cutoff_function: one of ``CUTOFF_FUNCTIONS``. g4: the G4 form.
+    """
+
+    radial_eta: Tensor
+    radial_rs: Tensor
+    angular_eta: Tensor
+    angular_lambda: Tensor
+    angular_zeta: Tensor
+    norm: Tensor
+    slope_norm: Tensor
+    cutoff: float
+    angular_cutoff: float
+    cutoff_function: str
+    g4: bool
+
+    def pair_data(self, v: Tensor) -> Tensor:
+        """``pair_data`` (P, 7 + 2E) of pair vectors v (P, 3), Å."""
+        return pair_data(v, self.cutoff, self.angular_cutoff, self.cutoff_function, self.angular_eta)
+
+    def radial(self, pairs: Tensor, slopes: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``radial`` terms (P, K) and slopes of pairs with ``pair_data`` rows ``pairs``."""
+        return radial(pairs, self.radial_eta, self.radial_rs, slopes)
+
+    def angular(self, first: Tensor, second: Tensor, slopes: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``angular`` terms (Q, E·L) and gradient coefficients of triples with pair rows ``first``, ``second``."""
+        return angular(first, second, self.angular_eta, self.angular_lambda, self.angular_zeta, self.norm,
+                       self.slope_norm, self.cutoff, self.angular_cutoff, self.cutoff_function, self.g4, slopes)

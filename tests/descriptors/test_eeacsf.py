@@ -24,8 +24,17 @@ PARAMS = dict(
 MIXED = [1, 6, 7, 8, 9, 17, 35, 53, 26]
 
 
-def descriptor(form: str = "g5") -> SymmetryFunctions:
-    return SymmetryFunctions(**PARAMS, angular_form=form)
+ANGULAR_CUTOFF = 4.0
+CUTOFF_VALUES = {
+    "cos": lambda x: 0.5 * (math.cos(math.pi * x) + 1),
+    "poly1": lambda x: 2 * x**3 - 3 * x**2 + 1,
+    "poly2": lambda x: -6 * x**5 + 15 * x**4 - 10 * x**3 + 1,
+}
+
+
+def descriptor(form: str = "g5", angular_cutoff: float | None = None, cutoff_function: str = "cos") -> SymmetryFunctions:
+    return SymmetryFunctions(**PARAMS, angular_form=form, angular_cutoff=angular_cutoff,
+                             cutoff_function=cutoff_function)
 
 
 def random_cluster(n: int, seed: int, spread: float = 1.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +56,15 @@ def batch(*molecules):
     return numbers, positions, offsets
 
 
-def loop_reference(numbers, positions, form="g5") -> np.ndarray:
+def loop_reference(numbers, positions, form="g5", angular_cutoff=CUTOFF, cutoff_function="cos") -> np.ndarray:
     """Slow, obviously correct eeACSF: the spec §1 formulas with explicit loops (one molecule)."""
     h = weight_table()
     w = h / WEIGHT_TYPE_MAX
     z, r = numbers.numpy(), positions.numpy()
     n = len(z)
-    fc = lambda d: 0.5 * (math.cos(math.pi * d / CUTOFF) + 1) if d < CUTOFF else 0.0
+    f = CUTOFF_VALUES[cutoff_function]
+    fc = lambda d: f(d / CUTOFF) if d < CUTOFF else 0.0
+    fa = lambda d: f(d / angular_cutoff) if d < angular_cutoff else 0.0
     out = []
     for i in range(n):
         feats = []
@@ -79,7 +90,7 @@ def loop_reference(numbers, positions, form="g5") -> np.ndarray:
                                         continue
                                     a, b = r[j] - r[i], r[k] - r[i]
                                     da, db, dc = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(b - a)
-                                    if da >= CUTOFF or db >= CUTOFF:
+                                    if da >= angular_cutoff or db >= angular_cutoff:
                                         continue
                                     if kind == "sum":
                                         weight = (w[z[j], t] + w[z[k], t]) / 2
@@ -87,9 +98,9 @@ def loop_reference(numbers, positions, form="g5") -> np.ndarray:
                                         weight = (abs(h[z[j], t] - h[z[k], t]) + 1) / WEIGHT_TYPE_MAX[t]
                                     cos = a @ b / (da * db)
                                     term = (2 ** (1 - zeta) * (1 + lam * cos) ** zeta
-                                            * math.exp(-eta * (da**2 + db**2)) * fc(da) * fc(db))
+                                            * math.exp(-eta * (da**2 + db**2)) * fa(da) * fa(db))
                                     if form == "g4":
-                                        term *= math.exp(-eta * dc**2) * fc(dc)
+                                        term *= math.exp(-eta * dc**2) * fa(dc)
                                     g += weight * term
                             feats.append(g)
         out.append(feats)
@@ -116,6 +127,17 @@ def test_vectorised_equals_loop_reference(form, n, seed):
     G = sf(numbers, positions, torch.tensor([0, n]))
     assert G.shape == (n, sf.n_functions)
     np.testing.assert_allclose(G.numpy(), loop_reference(numbers, positions, form), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("form", ["g5", "g4"])
+@pytest.mark.parametrize("cutoff_function", ["cos", "poly1", "poly2"])
+def test_separate_angular_cutoff_and_cutoff_functions_equal_loop_reference(form, cutoff_function):
+    numbers, positions = random_cluster(13, 2)
+    sf = descriptor(form, ANGULAR_CUTOFF, cutoff_function)
+    G = sf(numbers, positions, torch.tensor([0, 13]))
+    expected = loop_reference(numbers, positions, form, ANGULAR_CUTOFF, cutoff_function)
+    np.testing.assert_allclose(G.numpy(), expected, rtol=1e-12, atol=1e-13)
+    assert (G != descriptor(form, None, cutoff_function)(numbers, positions, torch.tensor([0, 13]))).any()
 
 
 def test_molecules_in_a_batch_do_not_see_each_other():
@@ -157,13 +179,16 @@ def finite_difference_jacobian(sf, numbers, positions, offsets, h=1e-5):
     return out
 
 
-@pytest.mark.parametrize("form", ["g5", "g4"])
-def test_derivatives_equal_finite_differences_including_near_cutoff(form):
+@pytest.mark.parametrize(("form", "angular_cutoff", "cutoff_function"),
+                         [("g5", None, "cos"), ("g4", None, "cos"), ("g5", ANGULAR_CUTOFF, "poly2"),
+                          ("g4", ANGULAR_CUTOFF, "poly1")])
+def test_derivatives_equal_finite_differences_including_near_cutoff(form, angular_cutoff, cutoff_function):
     numbers, positions = random_cluster(8, 7, spread=2.2)
     positions[1] = positions[0] + torch.tensor([CUTOFF - 0.02, 0.0, 0.0], dtype=torch.float64)
     positions[2] = positions[0] + torch.tensor([0.0, CUTOFF - 0.005, 0.0], dtype=torch.float64)
+    positions[3] = positions[0] + torch.tensor([0.0, 0.0, ANGULAR_CUTOFF - 0.01], dtype=torch.float64)
     offsets = torch.tensor([0, 8])
-    sf = descriptor(form)
+    sf = descriptor(form, angular_cutoff, cutoff_function)
     G, derivatives = sf.with_derivatives(numbers, positions, offsets)
     torch.testing.assert_close(G, sf(numbers, positions, offsets), rtol=0, atol=0)
     analytic = dense_jacobian(derivatives, 8, sf.n_functions)
