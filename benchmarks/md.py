@@ -1,6 +1,6 @@
 """MD speed: lMLP (ASE calculator) against GFN2-xTB (tblite), for 6-atom SN2 complexes and from 6 to 10,000 atoms.
 
-Run (on an idle machine; the default sizes take tens of minutes)::
+Run (on an idle machine; the default sizes take about half an hour)::
 
     .venv/bin/python benchmarks/md.py --out examples/results/md-scaling
 
@@ -14,15 +14,16 @@ so both codes get one core.
 
    - "SN2 box": k copies of the Cl⁻···CH3Br reactant complex, randomly rotated on a jittered cubic
      lattice in a periodic cube at ``--density`` atoms/Å³ (xTB charge −k); at 6 atoms one isolated
-     (non-periodic) complex;
+     (non-periodic) complex (at 0.06 atoms/Å³ two complexes do not fit in their cube: an error);
    - "CH3Cl liquid": a periodic cube of CH3Cl (C–Cl 1.78 Å, C–H 1.09 Å, tetrahedral) at 0.91 g/cm³,
      randomly oriented on a jittered lattice (neutral);
 
    sizes round to the nearest multiple of 6 or 5 atoms (100 → 102 and 100), and atoms of different
    molecules (or periodic images) are at least 2 Å apart. The lMLP runs in float32 with two
-   descriptor settings: the model file ``--model`` (its own cutoffs) and a model with the same
-   networks (widths, activation, members) but random weights and the default ``DescriptorConfig``
-   with ``angular_cutoff=--angular-cutoff`` (the cost does not depend on the weights). Between calls
+   descriptor settings: the model file ``--model`` (its own cutoffs) and a condensed-phase model
+   with the same networks (widths, activation, members) but random weights and the default
+   ``DescriptorConfig`` cut to ``--cutoffs R A`` (radial and angular cutoff, default 6 and 4 Å; the
+   radial shells beyond R dropped; the cost does not depend on the weights). Between calls
    the atoms move by a random ~0.001 Å, so every call recomputes while the Verlet list stays, as in
    MD. A point: the first call (neighbour list, set-up, compilation) is timed apart, then the best
    of 3 blocks of about ``--budget``/3 s each (at least one call per block). Printed with it:
@@ -30,15 +31,17 @@ so both codes get one core.
    the angular cutoff + skin). The calculator backends "script" (the scaling runs) and "eager" are
    compared at 6 and 100 atoms, and "compile" at 6 atoms with ``--compile`` (its first call
    compiles for tens of seconds: reported as the first-call time, not in the rate). GFN2-xTB
-   (``tblite.ase.TBLite``, whose previous wavefunction is the next start guess, as in MD) runs up
-   to ``--xtb-max-atoms``; failures (e.g. no SCF convergence) are reported, not raised.
+   (``tblite.ase.TBLite``, whose previous wavefunction is the next start guess, as in MD) runs at
+   the requested sizes up to ``--xtb-max-atoms`` (1000 includes the 1002-atom SN2 box); failures
+   (e.g. no SCF convergence) are reported, not raised.
 
 Memory and time: the calculator evaluates pairs and triples in blocks (bounded float temporaries),
-but keeps the Verlet list's triple indices (~24 bytes per triple, more while it is built). At
-liquid density a 12 Å angular cutoff gives ~150,000 triples per atom: 10,000 atoms would need
-~10⁹ triples. So a size whose estimated time per call (time per triple and triples per atom of the
-largest smaller periodic size measured) exceeds ``--max-seconds-per-call``, or whose estimated
-triple memory exceeds half of the available memory, is skipped with the reason printed.
+but keeps the Verlet list's triple indices: 24 bytes per triple, ~100 at the peak while the list is
+built. At these densities a 12 Å angular cutoff gives 120,000–150,000 triples per atom (~1 µs each
+per call): 10,000 atoms would need ~1.5·10⁹ triples, ~150 GB and ~25 min per call. So a size whose
+estimated time per call (time per triple and triples per atom of the largest smaller periodic size
+measured, same system and setting) exceeds ``--max-seconds-per-call``, or whose triples would take
+more than half of the available memory, is skipped with the reason printed.
 
 Output: a table per system (lMLP calls/s, ms/call, µs per atom and call for each setting, xTB
 calls/s, ratio lMLP/xTB), the targets "time per atom 1,000 → 10,000 atoms within 1.5×" and
@@ -49,7 +52,7 @@ call against atoms, with an O(N) guide).
 Options: ``--model`` (runs/sn2/model.pt; if missing, random weights with the default config),
 ``--data`` (SN2 data set, data/sn2_gfn2xtb.h5), ``--steps`` (timed lMLP MD steps per SN2 complex,
 3000; xTB a third), ``--sizes`` (6 100 1000 10000), ``--density`` (SN2 box, 0.06 atoms/Å³),
-``--angular-cutoff`` (6.0 Å), ``--budget`` (s per point, 10), ``--xtb-max-atoms`` (1000),
+``--cutoffs`` (6.0 4.0 Å), ``--budget`` (s per point, 10), ``--xtb-max-atoms`` (1000),
 ``--max-seconds-per-call`` (60), ``--compile``, ``--seed`` (0), ``--out``.
 """
 
@@ -85,7 +88,7 @@ try:  # ASE >= 3.29
 except ImportError:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
-from lmlp.calculator import LMLPCalculator, TooCloseWarning
+from lmlp.calculator import SKIN, LMLPCalculator, TooCloseWarning
 from lmlp.config import DescriptorConfig
 from lmlp.data import read_structures
 from lmlp.descriptors import Standardizer, SymmetryFunctions
@@ -112,6 +115,7 @@ BYTES_PER_TRIPLE = 100
 BACKEND_SIZES = (6, 100)
 """Requested sizes at which the calculator backends are compared ("compile": the first only)."""
 BLOCKS = 3
+"""Timed blocks per point (the best counts)."""
 RANDOM_MODEL_DATA = Path("data/sn2_tiny.h5")
 
 
@@ -130,9 +134,10 @@ def random_model(data: Path, config: DescriptorConfig, network: dict[str, Any]) 
                          activation=network["activation"], members=network["members"]).float()
 
 
-def settings(model_path: Path, angular_cutoff: float) -> dict[str, tuple[HDNNPEnsemble, str]]:
+def lmlp_settings(model_path: Path, cutoffs: tuple[float, float]) -> dict[str, tuple[HDNNPEnsemble, str]]:
     """The two lMLP settings, name: (model, description): the model file (random weights with the
-    default config if it is missing) and its networks on the default descriptor with ``angular_cutoff`` Å."""
+    default config if it is missing) and its networks on the default descriptor cut to the radial
+    and angular ``cutoffs`` (Å; radial shells centred beyond the cutoff dropped)."""
     if model_path.is_file():
         from lmlp.modelfile import load_model
 
@@ -141,8 +146,14 @@ def settings(model_path: Path, angular_cutoff: float) -> dict[str, tuple[HDNNPEn
         network = {"hidden": [25, 25], "activation": "scaled_tanh", "members": 10}
         model, source = random_model(RANDOM_MODEL_DATA, DescriptorConfig(), network), "random weights (no model file)"
     network = {key: model.hyperparameters[key] for key in ("hidden", "activation", "members")}
-    angular = random_model(RANDOM_MODEL_DATA, DescriptorConfig(angular_cutoff=angular_cutoff), network)
-    return {"model": (model, source), f"angular {angular_cutoff:g} Å": (angular, "random weights, default descriptor")}
+    radial, angular = cutoffs
+    default = DescriptorConfig()
+    shells = [(eta, rs) for eta, rs in zip(default.radial_eta, default.radial_rs) if rs < radial]
+    config = DescriptorConfig(cutoff=radial, angular_cutoff=angular, radial_eta=[eta for eta, _ in shells],
+                              radial_rs=[rs for _, rs in shells])
+    condensed = random_model(RANDOM_MODEL_DATA, config, network)
+    return {"model": (model, source),
+            f"{radial:g}/{angular:g} Å": (condensed, "random weights, default descriptor cut to these cutoffs")}
 
 
 def describe(model: HDNNPEnsemble, source: str) -> dict[str, Any]:
@@ -335,12 +346,12 @@ def lmlp_point(atoms: Atoms, model: HDNNPEnsemble, budget: float, backend: str =
             "triples": len(nb.t0), "path": "whole-step kernel" if whole else "blocked"}
 
 
-def available_bytes() -> int:
-    """MemAvailable of /proc/meminfo, bytes."""
+def meminfo(key: str) -> int:
+    """``key`` (e.g. "MemAvailable") of /proc/meminfo, bytes."""
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    raise RuntimeError(f"no {key} in /proc/meminfo")
 
 
 def lmlp_skip(previous: dict[str, Any] | None, n: int, max_seconds: float) -> dict[str, Any] | None:
@@ -352,12 +363,12 @@ def lmlp_skip(previous: dict[str, Any] | None, n: int, max_seconds: float) -> di
         return None
     triples = previous["triples_per_atom"] * n
     seconds = previous["ms_per_call"] / 1e3 / max(previous["triples"], 1) * triples
-    memory = triples * BYTES_PER_TRIPLE
-    if seconds <= max_seconds and memory <= available_bytes() / 2:
+    memory, available = triples * BYTES_PER_TRIPLE, meminfo("MemAvailable")
+    if seconds <= max_seconds and memory <= available / 2:
         return None
     reason = (f"~{triples:.2g} triples ({previous['triples_per_atom']:,.0f}/atom at {previous['atoms']:,} atoms): "
-              f"~{seconds:,.0f} s per call (limit {max_seconds:g}), ~{memory / 1e9:,.0f} GB to build "
-              f"(available {available_bytes() / 1e9:.0f} GB)")
+              f"~{seconds:,.0f} s per call (limit {max_seconds:g}), ~{memory / 1e9:,.1f} GB to build "
+              f"(available {available / 1e9:.0f} GB)")
     return {"skipped": reason, "estimated_triples": triples, "estimated_seconds_per_call": seconds,
             "estimated_bytes": memory}
 
@@ -379,7 +390,8 @@ def xtb_point(atoms: Atoms, budget: float) -> dict[str, Any]:
 def sn2_md(model: HDNNPEnsemble, data: Path, steps: int) -> dict[str, Any]:
     """MD steps per second on the 6-atom SN2 reactant complexes: lMLP float32, float64, GFN2-xTB."""
     s, _ = read_structures(data)
-    print(f"\n6-atom SN2 reactant complexes, velocity Verlet 0.5 fs, 300 K start, MD steps/s (best of {BLOCKS} blocks):")
+    print(f"\n6-atom SN2 reactant complexes, velocity Verlet 0.5 fs, 300 K start, MD steps/s "
+          f"(best of {BLOCKS} blocks):")
     print(f"{'reaction':10s} {'lMLP f32':>9s} {'lMLP f64':>9s} {'GFN2-xTB':>9s} {'f32/xTB':>8s} {'f64/xTB':>8s}")
     rows = []
     for reaction in REACTIONS:
@@ -393,7 +405,8 @@ def sn2_md(model: HDNNPEnsemble, data: Path, steps: int) -> dict[str, Any]:
     mean32, mean64 = (float(np.exp(np.mean(np.log([r[key] for r in rows]))))
                       for key in ("float32_over_xtb", "float64_over_xtb"))
     print(f"{'geo. mean':10s} {'':29s} {mean32:7.2f}x {mean64:7.2f}x   (target: lMLP >= 1.5x faster)")
-    return {"steps": steps, "reactions": rows, "geometric_mean": {"float32_over_xtb": mean32, "float64_over_xtb": mean64}}
+    return {"steps": steps, "reactions": rows,
+            "geometric_mean": {"float32_over_xtb": mean32, "float64_over_xtb": mean64}}
 
 
 def scaling(systems: dict[str, dict[int, Atoms]], models: dict[str, tuple[HDNNPEnsemble, str]],
@@ -414,7 +427,7 @@ def scaling(systems: dict[str, dict[int, Atoms]], models: dict[str, tuple[HDNNPE
                     if periodic:
                         previous[setting] = {**point, "atoms": n}
                 record["lmlp"][setting] = point
-            record["xtb"] = (xtb_point(atoms, args.budget) if n <= args.xtb_max_atoms
+            record["xtb"] = (xtb_point(atoms, args.budget) if requested <= args.xtb_max_atoms
                              else {"status": f"skipped (> --xtb-max-atoms {args.xtb_max_atoms})"})
             records.append(record)
             print_record(name, record)
@@ -436,6 +449,8 @@ def backends(systems: dict[str, dict[int, Atoms]], models: dict[str, tuple[HDNNP
             atoms = systems[name][record["requested"]]
             names = ["eager"] + (["compile"] if args.compile and record["requested"] == BACKEND_SIZES[0] else [])
             for setting, (model, _) in models.items():
+                if "skipped" in record["lmlp"][setting]:
+                    continue
                 points = {"script": record["lmlp"][setting]}
                 points.update({b: lmlp_point(atoms, model, args.budget, b) for b in names})
                 for backend, point in points.items():
@@ -451,7 +466,7 @@ def backends(systems: dict[str, dict[int, Atoms]], models: dict[str, tuple[HDNNP
 
 def print_header(name: str, density: float) -> None:
     """Title and column heads of a system's table."""
-    what = (f"Cl⁻···CH3Br complexes at {density:g} atoms/Å³, periodic from 2 complexes; xTB charge −k"
+    what = (f"Cl⁻···CH3Br complexes at {density:g} atoms/Å³, periodic above 6 atoms; xTB charge −k"
             if name == SN2_BOX else f"CH3Cl at {LIQUID_DENSITY:g} g/cm³, periodic, neutral")
     print(f"\n{name} ({what}):")
     print(f"{'atoms':>6s}  {'lMLP setting':14s} {'calls/s':>9s} {'ms/call':>9s} {'µs/atom':>8s} {'neigh/atom':>10s} "
@@ -467,7 +482,8 @@ def print_record(name: str, record: dict[str, Any]) -> None:
             lmlp = f"skipped: {point['skipped']}"
         else:
             lmlp = (f"{point['calls_per_s']:9.2f} {point['ms_per_call']:9.2f} {point['us_per_atom']:8.1f} "
-                    f"{point['neighbours_per_atom']:10.1f} {point['triples_per_atom']:10.0f} {point['first_call_s']:10.2f}")
+                    f"{point['neighbours_per_atom']:10.1f} {point['triples_per_atom']:10.0f} "
+                    f"{point['first_call_s']:10.2f}")
         if xtb["status"] != "ok":
             right = f" | {xtb['status']}" if k == 0 else ""
         elif "skipped" in point:
@@ -485,26 +501,29 @@ def point_at(records: list[dict[str, Any]], requested: int, setting: str) -> dic
     return None
 
 
-def checks(results: dict[str, list[dict[str, Any]]], settings_: list[str]) -> list[dict[str, Any]]:
+def verdict(value: float | None, target: float, unit: str, at_most: bool = False) -> str:
+    """"measured (target ≥ or ≤ target): met/MISSED", or "not measured"."""
+    if value is None:
+        return "not measured"
+    met = value <= target if at_most else value >= target
+    return f"{value:.2f}{unit} (target {'<=' if at_most else '>='} {target:g}{unit}): {'met' if met else 'MISSED'}"
+
+
+def checks(results: dict[str, list[dict[str, Any]]], settings: list[str]) -> list[dict[str, Any]]:
     """Measured against target (printed, not asserted): time per atom 1,000 → 10,000 atoms within
     1.5×; at 100 atoms ≥ 100 calls/s and ≥ 20× xTB."""
     print("\ntargets (measured vs target; not asserted):")
     rows = []
     for name, records in results.items():
-        for setting in settings_:
+        for setting in settings:
             small, large = point_at(records, 1000, setting), point_at(records, 10000, setting)
             growth = large["us_per_atom"] / small["us_per_atom"] if small and large else None
-            print(f"  {name}, {setting}: time per atom 1,000 → 10,000 atoms: "
-                  + (f"{growth:.2f}x (target <= 1.5x): {'met' if growth <= 1.5 else 'MISSED'}" if growth
-                     else "not measured"))
             point = point_at(records, 100, setting)
             rate = point["calls_per_s"] if point else None
             ratio = rate / point["xtb"]["calls_per_s"] if point and point["xtb"]["status"] == "ok" else None
-            print(f"  {name}, {setting}: 100 atoms: "
-                  + (f"{rate:.1f} calls/s (target >= 100): {'met' if rate >= 100 else 'MISSED'}" if rate
-                     else "not measured") + ", "
-                  + (f"{ratio:.1f}x xTB (target >= 20x): {'met' if ratio >= 20 else 'MISSED'}" if ratio
-                     else "no xTB ratio"))
+            print(f"  {name}, {setting}: time per atom 10,000 / 1,000 atoms {verdict(growth, 1.5, 'x', at_most=True)}")
+            print(f"  {name}, {setting}: 100 atoms calls/s {verdict(rate, 100, '')}; "
+                  f"lMLP/xTB {verdict(ratio, 20, 'x')}")
             rows.append({"system": name, "setting": setting, "us_per_atom_10000_over_1000": growth,
                          "calls_per_s_100": rate, "over_xtb_100": ratio})
     return rows
@@ -513,14 +532,15 @@ def checks(results: dict[str, list[dict[str, Any]]], settings_: list[str]) -> li
 def machine() -> dict[str, Any]:
     """Versions, CPU model, cores, memory and date."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
             "logical_cpus": sum(line.startswith("processor") for line in cpuinfo), "threads": 1,
-            "available_memory_gb": available_bytes() / 1e9, "python": platform.python_version(),
+            "memory_gb": meminfo("MemTotal") / 1e9, "python": platform.python_version(),
             **{package: importlib.metadata.version(package) for package in ("torch", "numpy", "ase", "tblite")}}
 
 
-def plot(results: dict[str, list[dict[str, Any]]], settings_: list[str], path: Path) -> None:
+def plot(results: dict[str, list[dict[str, Any]]], settings: list[str], path: Path) -> None:
     """Log-log time per call (ms) against atoms: one line per code, setting and system; O(N) guide."""
     import matplotlib
 
@@ -528,7 +548,7 @@ def plot(results: dict[str, list[dict[str, Any]]], settings_: list[str], path: P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    codes = [(f"lMLP {s}", lambda r, s=s: r["lmlp"][s]) for s in settings_] + [("GFN2-xTB", lambda r: r["xtb"])]
+    codes = [(f"lMLP {s}", lambda r, s=s: r["lmlp"][s]) for s in settings] + [("GFN2-xTB", lambda r: r["xtb"])]
     points = []
     for (label, get), color in zip(codes, ("C0", "C1", "C3")):
         for (name, records), (style, marker) in zip(results.items(), (("-", "o"), ("--", "s"))):
@@ -560,9 +580,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3000, help="timed lMLP MD steps per SN2 complex (xTB: a third)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[6, 100, 1000, 10000], help="atoms per system")
     parser.add_argument("--density", type=float, default=0.06, help="SN2 box density, atoms/Å³")
-    parser.add_argument("--angular-cutoff", type=float, default=6.0, help="angular cutoff of the second setting, Å")
+    parser.add_argument("--cutoffs", type=float, nargs=2, default=(6.0, 4.0), metavar=("RADIAL", "ANGULAR"),
+                        help="radial and angular cutoff of the condensed-phase setting, Å")
     parser.add_argument("--budget", type=float, default=10.0, help="timed seconds per point (at least 3 calls)")
-    parser.add_argument("--xtb-max-atoms", type=int, default=1000, help="largest system given to GFN2-xTB")
+    parser.add_argument("--xtb-max-atoms", type=int, default=1000, help="largest requested size given to GFN2-xTB")
     parser.add_argument("--max-seconds-per-call", type=float, default=60.0,
                         help="skip lMLP sizes estimated to take longer per call")
     parser.add_argument("--compile", action="store_true", help='also time backend "compile" at the smallest size')
@@ -573,7 +594,7 @@ def parse_args() -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both parts; all numbers."""
-    models = settings(args.model, args.angular_cutoff)
+    models = lmlp_settings(args.model, tuple(args.cutoffs))
     model_info = {name: describe(*value) for name, value in models.items()}
     for name, info in model_info.items():
         print(f"lMLP {name}: {info['members']} members, hidden {info['hidden']}, {info['n_functions']} eeACSFs, "
@@ -582,7 +603,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s, _ = read_structures(args.data)
     systems = build_systems(args.sizes, args.density, reactant_complex(s, BOX_REACTION), args.seed)
     print(f"\nenergy + forces calls, float32, single-threaded; atoms moved ~{DISPLACEMENT:g} Å between calls; "
-          f"best of {BLOCKS} blocks of ~{args.budget / BLOCKS:g} s; neighbours within cutoff + 1 Å skin, "
+          f"best of {BLOCKS} blocks of ~{args.budget / BLOCKS:g} s; neighbours within cutoff + {SKIN:g} Å skin, "
           f"triples within angular cutoff + skin")
     results = scaling(systems, models, args)
     return {"machine": machine(), "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -598,7 +619,7 @@ def main() -> None:
         report = run(args)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "scaling.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         plot(report["scaling"], list(report["models"]), args.out / "scaling.png")
         print(f"\nwrote {args.out / 'scaling.json'} and {args.out / 'scaling.png'}")
 

@@ -18,6 +18,7 @@ functions), so the results equal ``HDNNPEnsemble.forward``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -363,6 +364,7 @@ class LMLPCalculator(Calculator):
         n = len(positions)
         v = (positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype)
         pairs = self._terms.pair_data(v)
+        nb = self._angular_now(nb, pairs[:, 3])
         keep = len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1
         radials = [self._radial(pairs[block], keep) for block in nb.pair_blocks]
         angulars = [self._angular(pairs[nb.t0[block]], pairs[nb.t1[block]], keep) for block in nb.triple_blocks]
@@ -376,6 +378,17 @@ class LMLPCalculator(Calculator):
         atomic, dE_dG = self._networks(G)
         gradient = self._pair_gradients(nb, pairs, dE_dG, radials if keep else None, angulars if keep else None)
         return atomic, kernels.pair_forces(gradient, nb.i, nb.j, n), pairs[:, 3], gradient
+
+    def _angular_now(self, nb: _Neighbours, distances: torch.Tensor) -> _Neighbours:
+        """``nb`` with only the triples whose two pairs are now inside the angular cutoff (the
+        others add exactly zero; the skin holds about 60 % more triples at a 6 Å angular cutoff)."""
+        inside = distances < self._terms.angular_cutoff
+        active = torch.nonzero(inside[nb.t0] & inside[nb.t1]).flatten()
+        if len(active) == len(nb.t0):
+            return nb
+        return dataclasses.replace(
+            nb, t0=nb.t0[active], t1=nb.t1[active], triple_slot=nb.triple_slot[active],
+            triple_blocks=self._blocks(len(active), (self.members + 6) * self._n_angular))
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""

@@ -210,7 +210,7 @@ def test_metadata_is_stored_in_the_file(model64, tmp_path):
     assert meta["format"] == FORMAT == "lmlp.export" and meta["format_version"] == 2
     assert meta["units"] == {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
     assert meta["elements"] == model64.elements.tolist()
-    assert meta["cutoff"] == meta["angular_cutoff"] == 12.0 and meta["cutoff_function"] == "cos"
+    assert meta["cutoff"] == 12.0 and meta["angular_cutoff"] == 6.0 and meta["cutoff_function"] == "cos"
     assert meta["members"] == 3 and meta["dtype"] == "float64" and meta["activation"] == "scaled_tanh"
     assert list(meta["inputs"]) == ["numbers", "positions", "pairs", "shifts", "triples"]
     assert list(meta["outputs"]) == ["energies", "forces", "virials"]

@@ -202,7 +202,7 @@ class SymmetryFunctions(torch.nn.Module):
             angular_form=cfg.angular_form,
             kind=cfg.kind,
             elements=elements,
-            angular_cutoff=cfg.angular_cutoff,
+            angular_cutoff=None if cfg.angular_cutoff is None else min(cfg.angular_cutoff, cfg.cutoff),
             cutoff_function=cfg.cutoff_function,
         )
 

@@ -298,3 +298,13 @@ def test_derivatives_grouped_by_centre_give_the_same_forces():
     joined = CentreDerivatives.cat([first, rest], [0, 6])
     torch.testing.assert_close(joined.forces(dE_dG[0]), derivatives.forces(dE_dG[0], len(numbers)),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_config_angular_cutoff_defaults_to_6_and_never_exceeds_the_cutoff():
+    from lmlp.config import DescriptorConfig
+
+    assert SymmetryFunctions.from_config(DescriptorConfig()).angular_cutoff == 6.0
+    assert SymmetryFunctions.from_config(DescriptorConfig(cutoff=5.0)).angular_cutoff == 5.0
+    assert SymmetryFunctions.from_config(DescriptorConfig(angular_cutoff=None)).angular_cutoff == 12.0
+    with pytest.raises(ValueError, match="angular cutoff 7.0 Å must lie in"):
+        descriptor(angular_cutoff=7.0)
