@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from lmlp.descriptors.eeacsf import angular_triples
 from lmlp.descriptors.neighbors import find_neighbors
@@ -286,9 +287,9 @@ class LMLPCalculator(Calculator):
             "closest_distance": closest,
         }
         if virials is not None:
-            stresses = virials[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] / self.atoms.cell.volume
-            self.results["stress"] = stresses.mean(0).numpy()
-            self.results["stress_members"] = stresses.numpy()
+            stresses = full_3x3_to_voigt_6_stress(virials.numpy() / self.atoms.cell.volume)
+            self.results["stress"] = stresses.mean(0)
+            self.results["stress_members"] = stresses
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """What changed since the last calculation among what the lMLP depends on: positions,
@@ -350,9 +351,7 @@ class LMLPCalculator(Calculator):
         energies = atomic.to(torch.float64).sum(0) + self._baseline
         virials = None
         if atoms.pbc.any() and atoms.cell.volume > 0:
-            v = positions[nb.j] - positions[nb.i] + nb.shifts
-            virials = torch.einsum("pma,pb->mab", gradient.to(torch.float64), v)
-            virials = (virials + virials.transpose(1, 2)) / 2
+            virials = kernels.pair_virials(gradient, positions[nb.j] - positions[nb.i] + nb.shifts)
         return energies, forces.transpose(0, 1).to(torch.float64), closest, virials
 
     def _blocked(
@@ -386,9 +385,8 @@ class LMLPCalculator(Calculator):
         active = torch.nonzero(inside[nb.t0] & inside[nb.t1]).flatten()
         if len(active) == len(nb.t0):
             return nb
-        return dataclasses.replace(
-            nb, t0=nb.t0[active], t1=nb.t1[active], triple_slot=nb.triple_slot[active],
-            triple_blocks=self._blocks(len(active), (self.members + 6) * self._n_angular))
+        return dataclasses.replace(nb, t0=nb.t0[active], t1=nb.t1[active], triple_slot=nb.triple_slot[active],
+                                   triple_blocks=self._triple_blocks(len(active)))
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""
@@ -430,16 +428,20 @@ class LMLPCalculator(Calculator):
         n = len(atoms)
         z = torch.from_numpy(elements.astype(np.int64))
         t0, t1 = triples
+        pair_slot, triple_slot = kernels.element_slots(element[j], i, t0, t1, nz, n)
         return _Neighbours(
             key=key, reference=atoms.positions.copy(), i=i, j=j, shifts=nb.shifts.to(torch.float64),
-            pair_slot=element[j] * n + i, t0=t0, t1=t1,
-            triple_slot=(element[j[t0]] * nz + element[j[t1]]) * n + i[t0],
+            pair_slot=pair_slot, t0=t0, t1=t1, triple_slot=triple_slot,
             pair_weights=descriptor.neighbor_weights[z].to(self.dtype),
             triple_weights=descriptor.pair_weights[z][:, z].reshape(nz**2, -1).to(self.dtype),
             n_elements=nz,
             pair_blocks=self._blocks(len(i), (self.members + 3) * self._n_radial),
-            triple_blocks=self._blocks(len(t0), (self.members + 6) * self._n_angular),
+            triple_blocks=self._triple_blocks(len(t0)),
         )
+
+    def _triple_blocks(self, n: int) -> list[slice]:
+        """``_blocks`` of ``n`` triples."""
+        return self._blocks(n, (self.members + 6) * self._n_angular)
 
     def _blocks(self, n: int, width: int) -> list[slice]:
         """Slices of ``n`` pairs or triples with at most ``BLOCK_FLOATS`` temporaries (``width`` per item)."""

@@ -17,8 +17,10 @@ from typing import Callable, List, Tuple
 import torch
 from torch import Tensor
 
-from lmlp.descriptors.terms import angular, pair_data, radial
+from lmlp.descriptors.terms import angular, angular_gradients, pair_data, radial
 from lmlp.model import activate
+
+
 def gathered_networks(
     G: Tensor, mean: Tensor, inv_std: Tensor, weights: List[Tensor], biases: List[Tensor],
     transposed: List[Tensor], activation: int, members: int,
@@ -38,6 +40,24 @@ def gathered_networks(
     for k in range(len(slopes) - 1, -1, -1):
         grad = torch.bmm(grad * slopes[k], transposed[k])
     return z.view(n, members), grad.view(n, members, -1)
+
+
+def element_slots(
+    element_j: Tensor, i: Tensor, t0: Tensor, t1: Tensor, n_elements: int, n_atoms: int
+) -> Tuple[Tensor, Tensor]:
+    """Element slots (``lmlp.calculator._Neighbours``) of the pairs (P,), (element of j)·N + i, and
+    of the triples (Q,), (nz·(element of j) + element of k)·N + i; ``element_j`` (P,) is the element
+    position (0..nz − 1) of each pair's neighbour j, i (P,) its centre, t0, t1 (Q,) the triples' pairs."""
+    return element_j * n_atoms + i, (element_j[t0] * n_elements + element_j[t1]) * n_atoms + i[t0]
+
+
+def slot_descriptors(
+    rad: Tensor, ang: Tensor, pair_slot: Tensor, triple_slot: Tensor, pair_weights: Tensor,
+    triple_weights: Tensor, n_atoms: int,
+) -> Tensor:
+    """Descriptors G (N, F) from radial terms (P, K) and angular terms (Q, E·L) by element slots."""
+    return torch.cat([slot_sums(rad, pair_slot, pair_weights, n_atoms),
+                      slot_sums(ang, triple_slot, triple_weights, n_atoms)], 1)
 
 
 def slot_sums(values: Tensor, slot: Tensor, element_weights: Tensor, n_atoms: int) -> Tensor:
@@ -69,10 +89,30 @@ def add_angular_gradient(
 ) -> None:
     """Add the triples' dE_m/dv of both pairs to ``gradient`` (P, M, 3); slots (Q, M, E·L),
     coefficients (Q, E·L, 4), unit vectors of the pairs uj, uk (Q, 3)."""
-    c = torch.bmm(slots, coefficients)[:, :, :, None]  # (Q, M, 4, 1)
-    uj, uk = uj[:, None], uk[:, None]
-    gradient.index_add_(0, t0, c[:, :, 0] * uj + c[:, :, 1] * uk)
-    gradient.index_add_(0, t1, c[:, :, 2] * uk + c[:, :, 3] * uj)
+    on_j, on_k = angular_gradients(torch.bmm(slots, coefficients), uj, uk)  # (Q, M, 3) each
+    gradient.index_add_(0, t0, on_j)
+    gradient.index_add_(0, t1, on_k)
+
+
+def pair_gradients(
+    dE_dG: Tensor, pair_weights: Tensor, triple_weights: Tensor, pair_slot: Tensor, triple_slot: Tensor,
+    rad_slopes: Tensor, ang_slopes: Tensor, units: Tensor, t0: Tensor, t1: Tensor, uj: Tensor, uk: Tensor,
+) -> Tensor:
+    """dE_m/dv (P, M, 3) eV/Å of every pair vector from dE/dG (N, M, F), through the element slots:
+    radial slopes (P, K), angular coefficients (Q, E·L, 4), the pairs' unit vectors (P, 3) and those
+    of the triples' two pairs uj, uk (Q, 3)."""
+    n_radial = pair_weights.shape[1] * rad_slopes.shape[1]
+    radial_slots = slot_gradients(dE_dG[:, :, :n_radial], pair_weights, rad_slopes.shape[1])
+    angular_slots = slot_gradients(dE_dG[:, :, n_radial:], triple_weights, ang_slopes.shape[1])
+    gradient = radial_gradient(radial_slots.index_select(0, pair_slot), rad_slopes, units)
+    add_angular_gradient(gradient, angular_slots.index_select(0, triple_slot), ang_slopes, t0, t1, uj, uk)
+    return gradient
+
+
+def pair_virials(gradient: Tensor, vectors: Tensor) -> Tensor:
+    """Member virials (M, 3, 3) float64 eV, W_ab = Σ_p (dE_m/dv_p)_a v_pb, from the pair gradients
+    (P, M, 3) eV/Å and pair vectors (P, 3) Å: the strain derivative of the energy."""
+    return torch.einsum("pma,pb->mab", gradient.to(torch.float64), vectors.to(torch.float64))
 
 
 def pair_forces(gradient: Tensor, i: Tensor, j: Tensor, n_atoms: int) -> Tensor:
@@ -102,15 +142,11 @@ def small_system(
     rad, rad_slopes = radial(pairs, radial_eta, radial_rs, True)
     ang, ang_slopes = angular(first, second, eta, lam, zeta, norm, slope_norm, cutoff, angular_cutoff,
                               cutoff_function, g4, True)
-    G = torch.cat([slot_sums(rad, pair_slot, pair_weights, n), slot_sums(ang, triple_slot, triple_weights, n)], 1)
+    G = slot_descriptors(rad, ang, pair_slot, triple_slot, pair_weights, triple_weights, n)
     atomic, dE_dG = gathered_networks(G, mean, inv_std, weights, biases, transposed, activation, members)
-    n_radial = pair_weights.shape[1] * rad.shape[1]
-    radial_slots = slot_gradients(dE_dG[:, :, :n_radial], pair_weights, rad.shape[1])
-    angular_slots = slot_gradients(dE_dG[:, :, n_radial:], triple_weights, ang.shape[1])
     assert rad_slopes is not None and ang_slopes is not None
-    gradient = radial_gradient(radial_slots.index_select(0, pair_slot), rad_slopes, pairs[:, 0:3])
-    add_angular_gradient(gradient, angular_slots.index_select(0, triple_slot), ang_slopes, t0, t1,
-                         first[:, 0:3], second[:, 0:3])
+    gradient = pair_gradients(dE_dG, pair_weights, triple_weights, pair_slot, triple_slot, rad_slopes, ang_slopes,
+                              pairs[:, 0:3], t0, t1, first[:, 0:3], second[:, 0:3])
     return atomic, pair_forces(gradient, i, j, n), pairs[:, 3], gradient
 
 

@@ -76,7 +76,7 @@ import torch
 from torch import Tensor
 
 import lmlp
-from lmlp.calculator_kernels import add_angular_gradient, pair_forces, radial_gradient, slot_gradients, slot_sums
+from lmlp.calculator_kernels import element_slots, pair_forces, pair_gradients, pair_virials, slot_descriptors
 from lmlp.descriptors.eeacsf import angular_triples
 from lmlp.descriptors.neighbors import find_neighbors, find_triples
 from lmlp.descriptors.terms import TermParameters
@@ -147,14 +147,17 @@ class ExportablePotential(torch.nn.Module):
         data = terms.pair_data(vectors.to(self.pair_weights.dtype))
         rad, rad_slopes = terms.radial(data, True)
         ang, ang_slopes = terms.angular(data[triples[0]], data[triples[1]], True)
-        pair_slot, triple_slot = self._slots(element, pairs, triples)
-        G = torch.cat([slot_sums(rad, pair_slot, self.pair_weights, n),
-                       slot_sums(ang, triple_slot, self.triple_weights, n)], 1)
+        pair_slot, triple_slot = element_slots(element[pairs[1]], pairs[0], triples[0], triples[1],
+                                               self.pair_weights.shape[0], n)
+        G = slot_descriptors(rad, ang, pair_slot, triple_slot, self.pair_weights, self.triple_weights, n)
         atomic, dE_dG = self._networks(G, element)
-        gradient = self._pair_gradients(dE_dG, data, triples, rad_slopes, ang_slopes, pair_slot, triple_slot)
+        assert rad_slopes is not None and ang_slopes is not None
+        gradient = pair_gradients(dE_dG, self.pair_weights, self.triple_weights, pair_slot, triple_slot, rad_slopes,
+                                  ang_slopes, data[:, 0:3], triples[0], triples[1], data[triples[0], 0:3],
+                                  data[triples[1], 0:3])
         energies = atomic.to(torch.float64).sum(0) + self.reference_energies[element].sum()
         forces = pair_forces(gradient, pairs[0], pairs[1], n).transpose(0, 1)
-        virials = torch.einsum("pma,pb->mab", gradient.to(torch.float64), vectors)
+        virials = pair_virials(gradient, vectors)
         return energies + invalid, forces + invalid.to(forces.dtype), virials + invalid
 
     def _element_index(self, numbers: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,15 +168,6 @@ class ExportablePotential(torch.nn.Module):
         known = (element >= 0) & (z == numbers)
         invalid = torch.where(known.all(), 0.0, math.nan).to(torch.float64)
         return element.clamp(min=0), invalid
-
-    def _slots(self, element: Tensor, pairs: Tensor, triples: Tensor) -> tuple[Tensor, Tensor]:
-        """Element slots of the pairs (P,) and triples (Q,) (``lmlp.calculator._Neighbours``, with
-        all the model's elements): (element of j)·N + i and (E·(element of j) + element of k)·N + i."""
-        n, n_elements = element.shape[0], self.pair_weights.shape[0]
-        e_j = element[pairs[1]]
-        pair_slot = e_j * n + pairs[0]
-        triple_slot = (e_j[triples[0]] * n_elements + e_j[triples[1]]) * n + pairs[0][triples[0]]
-        return pair_slot, triple_slot
 
     def _networks(self, G: Tensor, element: Tensor) -> tuple[Tensor, Tensor]:
         """Atomic network energies (N, M) eV and dE/dG (N, M, F) from descriptors G (N, F), each
@@ -195,21 +189,6 @@ class ExportablePotential(torch.nn.Module):
             atomic = atomic.index_copy(0, atoms, energy[:, :-2].T)
             dE_dG = dE_dG.index_copy(0, atoms, grad[:, :-2].transpose(0, 1))
         return atomic, dE_dG
-
-    def _pair_gradients(
-        self, dE_dG: Tensor, data: Tensor, triples: Tensor, rad_slopes: Optional[Tensor],
-        ang_slopes: Optional[Tensor], pair_slot: Tensor, triple_slot: Tensor,
-    ) -> Tensor:
-        """dE_m/dv (P, M, 3) eV/Å of the pair vectors, from dE/dG (N, M, F), the ``pair_data`` rows
-        (P, 7 + 2E) and the term slopes, taken through the element slots."""
-        assert rad_slopes is not None and ang_slopes is not None
-        n_radial = self.pair_weights.shape[1] * rad_slopes.shape[1]
-        radial_slots = slot_gradients(dE_dG[:, :, :n_radial], self.pair_weights, rad_slopes.shape[1])
-        angular_slots = slot_gradients(dE_dG[:, :, n_radial:], self.triple_weights, ang_slopes.shape[1])
-        gradient = radial_gradient(radial_slots[pair_slot], rad_slopes, data[:, 0:3])
-        add_angular_gradient(gradient, angular_slots[triple_slot], ang_slopes, triples[0], triples[1],
-                             data[triples[0], 0:3], data[triples[1], 0:3])
-        return gradient
 
 
 def example_inputs(model: HDNNPEnsemble) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -130,7 +130,8 @@ class UncertaintyMonitor:
 
 
 class _EnergyTracker:
-    """Observer: the conserved energy (eV) against its first value, the temperature and the volume.
+    """Observer: the conserved energy (eV) against its first value, the temperature and, for
+    periodic cells, the volume.
 
     The conserved energy is E_pot + E_kin, or for NPT the MTK integrator's conserved quantity
     (which adds the thermostat and barostat energies and pV)."""
@@ -138,6 +139,7 @@ class _EnergyTracker:
     def __init__(self, atoms: Atoms, dyn: MolecularDynamics) -> None:
         self.atoms = atoms
         self.conserved = getattr(dyn, "get_conserved_energy", None)
+        self.periodic = bool(atoms.pbc.any())
         self.first: float | None = None
         self.last = 0.0
         self.max_deviation = 0.0
@@ -149,7 +151,8 @@ class _EnergyTracker:
             total = self.conserved()
         else:
             total = self.atoms.get_potential_energy() + self.atoms.get_kinetic_energy()
-        self.volumes.append(self.atoms.cell.volume)
+        if self.periodic:
+            self.volumes.append(self.atoms.cell.volume)
         if self.first is None:
             self.first = total
         self.last = total
@@ -363,7 +366,7 @@ def run_md(
         energy_drift=abs(energy.last - energy.first) * per_atom if per_atom else None,
         max_energy_deviation=energy.max_deviation * per_atom if per_atom else None,
         mean_temperature=float(np.mean(energy.temperatures)),
-        mean_volume=float(np.mean(energy.volumes)) if atoms.pbc.any() else None,
+        mean_volume=float(np.mean(energy.volumes)) if energy.volumes else None,
         max_energy_uncertainty=monitor.max_energy_uncertainty * 1000,
         max_force_uncertainty=monitor.max_force_uncertainty * 1000,
         thresholds=thresholds, n_uncertain=monitor.n_uncertain, n_flagged=monitor.n_written,

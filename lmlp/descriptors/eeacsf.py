@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lmlp.descriptors.neighbors import Neighbors, find_neighbors, find_triples
-from lmlp.descriptors.terms import CUTOFF_FUNCTIONS, TermParameters, angular_norms
+from lmlp.descriptors.terms import CUTOFF_FUNCTIONS, TermParameters, angular_gradients, angular_norms
 from lmlp.elements import MAX_Z, WEIGHT_TYPE_MAX, weight_table
 
 if TYPE_CHECKING:
@@ -263,9 +263,7 @@ class SymmetryFunctions(torch.nn.Module):
         for block in torch.split(torch.arange(triples.shape[1], device=positions.device), TRIPLES_PER_BLOCK):
             t, w = triples[:, block], wp[block]
             ang, c = terms.angular(pairs[t[0]], pairs[t[1]], True)  # (Q, EL), (Q, EL, 4)
-            u_j, u_k = units[t[0], None, :], units[t[1], None, :]
-            d_ang_j = c[:, :, 0:1] * u_j + c[:, :, 1:2] * u_k  # (Q, EL, 3)
-            d_ang_k = c[:, :, 2:3] * u_k + c[:, :, 3:4] * u_j
+            d_ang_j, d_ang_k = angular_gradients(c, units[t[0]], units[t[1]])  # (Q, EL, 3) each
             angular_G += weighted_sum(ang, w, nb.pairs[0, t[0]], n)
             angular_values.index_add_(0, t[0], (w[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2))
             angular_values.index_add_(0, t[1], (w[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2))

@@ -127,6 +127,15 @@ def angular(
     return values, torch.stack([c0, c1, c2, c3], 3).flatten(1, 2)
 
 
+def angular_gradients(c: Tensor, u_j: Tensor, u_k: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients (Q, X, 3) of angular terms, or of weighted sums of them, with respect to the first
+    and the second pair vector of each triple: c_0 u_j + c_1 u_k and c_2 u_k + c_3 u_j, from the
+    coefficients c (Q, X, 4) (``angular``, or contracted) and the pairs' unit vectors u_j, u_k (Q, 3)."""
+    c = c[:, :, :, None]
+    u_j, u_k = u_j[:, None], u_k[:, None]
+    return c[:, :, 0] * u_j + c[:, :, 1] * u_k, c[:, :, 2] * u_k + c[:, :, 3] * u_j
+
+
 @dataclass(frozen=True)
 class TermParameters:
     """The parameters of a descriptor's terms in one dtype, and the term functions bound to them.
