@@ -61,6 +61,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "angular6": {**PROTOCOL, "descriptor.angular_cutoff": 6.0},
     "angular6_zeta16": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "descriptor.angular_zeta": [1.0, 4.0, 16.0]},
     "angular6_forces2": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "training.force_weight": 2.0},
+    "angular6_displaced1500": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "data.path": "/tmp/sn2_displaced1500.h5",
+                               "selection.fit_fraction": 0.0828},
 }
 """Experiment name: overrides of ``BASE`` (dotted key: value)."""
 

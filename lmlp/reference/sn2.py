@@ -54,6 +54,7 @@ except ImportError:
 from lmlp.data.hdf5 import read_structures, write_structures
 from lmlp.data.structures import StructureSet, concatenate, split_indices
 from lmlp.errors import LmlpError
+from lmlp.reference.augment import displaced
 from lmlp.reference.labellers import XTBCalculator, get_labeller, label_structures
 
 HALOGENS = ("F", "Cl", "Br", "I")
@@ -180,6 +181,28 @@ def parse_reaction(reaction: str) -> tuple[str, str]:
         )
     x, y = reaction.split("+CH3")
     return x, y
+
+
+def reaction_coordinate(s: StructureSet) -> np.ndarray:
+    """(n,) ξ = r(C–X) − r(C–Y) of SN2 structures (atom order C, H, H, H, X, Y), Å: negative in the
+    product region, about 0 at the transition state, positive towards the reactants."""
+    if not np.all(s.n_atoms == 6):
+        raise LmlpError("the SN2 reaction coordinate needs 6-atom structures (C, H, H, H, X, Y)")
+    xyz = s.positions.reshape(-1, 6, 3)
+    return np.linalg.norm(xyz[:, _X] - xyz[:, _C], axis=1) - np.linalg.norm(xyz[:, _Y] - xyz[:, _C], axis=1)
+
+
+def coverage_cells(s: StructureSet, bins: int) -> np.ndarray:
+    """(n,) cell id of each SN2 structure: its reaction × one of ``bins`` equal-width bins of its
+    ``reaction_coordinate`` over that reaction's range (for an even spread along every path)."""
+    xi = reaction_coordinate(s)
+    labels, reaction = np.unique(s.label.astype(str), return_inverse=True)
+    cells = np.zeros(len(s), dtype=np.int64)
+    for r in range(len(labels)):
+        mine = reaction == r
+        edges = np.linspace(xi[mine].min(), xi[mine].max(), bins + 1)[1:-1]
+        cells[mine] = r * bins + np.searchsorted(edges, xi[mine])
+    return cells
 
 
 def build_geometry(x: str, y: str, r_cx: float, r_cy: float, progress: float) -> Atoms:
@@ -420,11 +443,10 @@ def _plain_info(atoms: Atoms) -> dict:
 
 
 def _displaced(atoms: Atoms, rng: np.random.Generator, trajectory: int) -> Atoms:
-    """A copy of ``atoms`` with every atom moved by a Gaussian of root-mean-square length
-    σ ~ U(INDEPENDENT_SIGMA) (each Cartesian component σ/√3), Å."""
-    sigma = rng.uniform(*INDEPENDENT_SIGMA) / np.sqrt(3.0)
-    return Atoms(atoms.numbers, positions=atoms.positions + rng.normal(0.0, sigma, atoms.positions.shape),
-                 info={**atoms.info, "trajectory": trajectory})
+    """``augment.displaced`` copy of ``atoms`` (σ ~ U(INDEPENDENT_SIGMA)) with trajectory id ``trajectory``."""
+    copy = displaced(atoms, rng, INDEPENDENT_SIGMA)
+    copy.info["trajectory"] = trajectory
+    return copy
 
 
 def _jittered(windows: list[Window], w: int, rng: np.random.Generator) -> Window:
