@@ -201,6 +201,119 @@ def data_label(
                + (f"; {len(failed)} failed (structures {', '.join(map(str, failed))})" if failed else ""))
 
 
+@data_app.command("augment")
+def data_augment(
+    path: Annotated[Path, typer.Argument(help="An lmlp HDF5 structure file with a stored split.")],
+    copies: Annotated[int, typer.Option(help="Number of displaced copies to label and add.")],
+    sigma: Annotated[str, typer.Option(help="Range of the rms displacement per atom, Å (low,high).")] = "0.05,0.1",
+    split: Annotated[str, typer.Option(help="Split whose structures are copied and which the copies join.")] = "train",
+    method: Annotated[str, typer.Option(help="Reference method: that of the file (gfn2-xtb or pyscf).")] = "gfn2-xtb",
+    seed: Annotated[int, typer.Option(help="Seed of the choice of structures and the displacements.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: rewrite PATH in place, atomically).")] = None,
+) -> None:
+    """Add labelled, randomly displaced copies of structures of one split (training data off the MD manifold)."""
+    from lmlp.data import read_structures, write_structures
+    from lmlp.reference.augment import augment
+    from lmlp.reference.labellers import get_labeller
+
+    low_high = _float_list("--sigma", sigma)
+    if len(low_high) != 2:
+        raise LmlpError(f"--sigma: got {sigma!r}, expected two displacements in Å, e.g. 0.05,0.1")
+    s, _ = read_structures(path)
+    try:
+        s, n_failed = augment(s, copies, (low_high[0], low_high[1]), seed, get_labeller(method), split, progress=True)
+    except LmlpError as exc:
+        raise LmlpError(f"{path}: {exc}") from None
+    s.attrs["augment_command"] = _command_line()
+    target = out or path
+    write_structures(target, s)
+    typer.echo(f"wrote {target}: {copies - n_failed} displaced copies added to {split} "
+               f"({n_failed} labelling failures, not stored); " + ", ".join(f"{k} {len(v)}" for k, v in s.split.items()))
+
+
+@data_app.command("choose")
+def data_choose(
+    source: Annotated[Path, typer.Argument(help="An lmlp HDF5 file of SN2 structures (candidates).")],
+    model: Annotated[Path, typer.Option(help="Trained model whose ensemble spread ranks the candidates.")],
+    count: Annotated[int, typer.Option(help="Structures to choose.")],
+    out: Annotated[Path, typer.Option(help="Text file for the chosen indices (input of data relabel --indices).")],
+    split: Annotated[str, typer.Option(help="Choose among the structures of this split.")] = "train",
+    bins: Annotated[int, typer.Option(help="Bins of the reaction coordinate r(C-X) - r(C-Y) per reaction.")] = 6,
+    uncertain_share: Annotated[float, typer.Option(help="Share per cell taken by decreasing force uncertainty "
+                                                        "(the rest at random).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the random part.")] = 0,
+) -> None:
+    """Choose SN2 structures to label (e.g. with DFT): even over reactions and the reaction path, led by uncertainty."""
+    from lmlp.data import read_structures
+    from lmlp.fileio import atomic_write_text
+    from lmlp.metrics import model_batch
+    from lmlp.modelfile import load_model
+    from lmlp.reference.relabel import choose_for_labelling
+    from lmlp.reference.sn2 import coverage_cells
+    from lmlp.uncertainty import structure_errors
+
+    s, _ = read_structures(source)
+    if split not in s.split:
+        raise LmlpError(f"{source}: no split {split!r}; it has {sorted(s.split) or 'none'}")
+    candidates = s.split[split]
+    part = s.subset(candidates)
+    ensemble, _ = load_model(model)
+    uncertainty = structure_errors(ensemble, model_batch(ensemble, part))["force_uncertainty"]
+    chosen = candidates[choose_for_labelling(coverage_cells(part, bins), uncertainty, count, uncertain_share, seed)]
+    header = (f"# {count} of the {len(candidates)} {split} structures of {source}: even over reactions x {bins} bins "
+              f"of r(C-X) - r(C-Y), {uncertain_share:g} of each cell by decreasing force uncertainty of {model}, "
+              f"the rest at random (seed {seed})\n")
+    atomic_write_text(out, header + "\n".join(map(str, chosen)) + "\n")
+    typer.echo(f"wrote {len(chosen)} structure indices to {out}")
+
+
+@data_app.command("relabel")
+def data_relabel(
+    source: Annotated[Path, typer.Argument(help="An lmlp HDF5 structure file.")],
+    out: Annotated[Path, typer.Argument(help="Output HDF5 file (new labels; split and trajectory ids kept).")],
+    method: Annotated[str, typer.Option(help="Reference method: pyscf (DFT) or gfn2-xtb.")] = "pyscf",
+    xc: Annotated[str, typer.Option(help="PySCF exchange-correlation functional.")] = "b3lyp",
+    basis: Annotated[str, typer.Option(help="PySCF orbital basis (def2 ECPs beyond Kr).")] = "def2-svpd",
+    density_fit: Annotated[bool, typer.Option(help="PySCF density fitting of the Coulomb and exchange integrals.")] = True,
+    split: Annotated[Optional[str], typer.Option(help="Only the structures of this split of SOURCE.")] = None,
+    indices: Annotated[Optional[Path], typer.Option(
+        help="Text file of structure indices of SOURCE (whitespace-separated), labelled in that order.")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Structures per chunk file (the unit of resuming).")] = 10,
+    workers: Annotated[int, typer.Option(help="Processes, one single-threaded calculation each.")] = 1,
+    time_budget: Annotated[Optional[float], typer.Option(
+        help="Minutes after which no new chunk starts; re-run the command to continue.")] = None,
+) -> None:
+    """Label stored structures with another method (e.g. DFT), resumably: re-run to continue."""
+    import numpy as np
+
+    from lmlp.data import read_structures
+    from lmlp.reference.labellers import get_labeller
+    from lmlp.reference.relabel import relabel
+
+    if split is not None and indices is not None:
+        raise LmlpError("give --split or --indices, not both")
+    options = {"xc": xc, "basis": basis, "density_fit": density_fit} if method.lower() == "pyscf" else {}
+    labeller = get_labeller(method, **options)
+    chosen, selection = None, "all structures"
+    if split is not None:
+        s, _ = read_structures(source)
+        if split not in s.split:
+            raise LmlpError(f"{source}: no split {split!r}; it has {sorted(s.split) or 'none'}")
+        chosen, selection = s.split[split], f"split {split}"
+    elif indices is not None:
+        try:
+            chosen = np.loadtxt(indices, dtype=np.int64, ndmin=1)
+        except (OSError, ValueError) as exc:
+            raise LmlpError(f"{indices}: not a list of structure indices ({exc})") from None
+        selection = f"indices from {indices.name}"
+    report = relabel(source, out, labeller, chosen, chunk_size=chunk_size, workers=workers,
+                     time_budget=None if time_budget is None else 60.0 * time_budget,
+                     selection=selection, progress=True)
+    typer.echo(f"{out}: {report.n_labelled} of {report.n_selected} structures labelled with {labeller.method} "
+               f"({report.n_failed} failed SCFs, not stored); {report.chunks_done} of {report.chunks} chunks done"
+               + ("" if report.complete else " - re-run the command to continue"))
+
+
 @app.command("md")
 def md_command(
     model: Annotated[Path, typer.Argument(help="A model file (model.pt).")],

@@ -130,7 +130,7 @@ def test_pyscf_labels_anion_and_iodine_molecule():
     hydroxide = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]], info={"charge": -1})
     hydrogen_iodide = Atoms("HI", positions=[[0, 0, 0], [0, 0, 1.61]])
     labelled, failed = label_structures([hydroxide, hydrogen_iodide], labeller)
-    assert (labeller.method, labeller.program) == ("B3LYP/def2-SVPD", "pyscf")
+    assert (labeller.method, labeller.program) == ("B3LYP/def2-SVPD/RI", "pyscf")
     assert failed == []
     for atoms in labelled:
         assert np.isfinite(atoms.get_potential_energy())
@@ -153,3 +153,22 @@ def test_pyscf_forces_are_minus_gradient():
     components = [(4, 2), (1, 0)]
     fd = finite_difference_forces(labeller, atoms, -1, components, h=1e-3)
     np.testing.assert_allclose([forces[i, d] for i, d in components], fd, atol=2e-3)
+
+
+def test_options_reach_the_labeller_and_unknown_ones_are_errors():
+    pytest.importorskip("pyscf")
+    exact = get_labeller("pyscf", xc="pbe", basis="def2-svp", density_fit=False)
+    assert (exact.method, exact.xc, exact.basis) == ("PBE/def2-SVP", "pbe", "def2-svp")
+    with pytest.raises(LabelError, match="takes no option grid"):
+        get_labeller("pyscf", grid=3)
+    with pytest.raises(LabelError, match="takes no option xc"):
+        get_labeller("gfn2-xtb", xc="b3lyp")
+
+
+def test_pyscf_density_fitting_is_close_to_exact_integrals():
+    pytest.importorskip("pyscf")
+    hydroxide = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    e_ri, f_ri = get_labeller("pyscf").label(hydroxide, -1)
+    e_exact, f_exact = get_labeller("pyscf", density_fit=False).label(hydroxide, -1)
+    assert e_ri == pytest.approx(e_exact, abs=0.03)  # eV: ~1 mEh
+    np.testing.assert_allclose(f_ri, f_exact, atol=0.01)
