@@ -27,20 +27,21 @@ so both codes get one core.
    the atoms move by a random ~0.001 Å, so every call recomputes while the Verlet list stays, as in
    MD. A point: the first call (neighbour list, set-up, compilation) is timed apart, then the best
    of 3 blocks of about ``--budget``/3 s each (at least one call per block). Printed with it:
-   neighbours per atom (within cutoff + 1 Å skin) and triples per atom (pairs of neighbours within
-   the angular cutoff + skin). The calculator backends "script" (the scaling runs) and "eager" are
-   compared at 6 and 100 atoms, and "compile" at 6 atoms with ``--compile`` (its first call
+   neighbours per atom (within cutoff + 1 Å skin) and angular items per atom (the calculator's
+   choice: neighbours within the angular cutoff + skin, summed by moments, or their triples). The
+   calculator backends "script" (the scaling runs) and "eager" are compared at 6 and 100 atoms, and "compile" at 6 atoms with ``--compile`` (its first call
    compiles for tens of seconds: reported as the first-call time, not in the rate). GFN2-xTB
    (``tblite.ase.TBLite``, whose previous wavefunction is the next start guess, as in MD) runs at
    the requested sizes up to ``--xtb-max-atoms`` (1000 includes the 1002-atom SN2 box); failures
    (e.g. no SCF convergence) are reported, not raised.
 
-Memory and time: the calculator evaluates pairs and triples in blocks (bounded float temporaries),
-but keeps the Verlet list's triple indices: 24 bytes per triple, ~100 at the peak while the list is
-built. At these densities a 12 Å angular cutoff gives 120,000–150,000 triples per atom (~1 µs each
-per call): 10,000 atoms would need ~1.5·10⁹ triples, ~150 GB and ~25 min per call. So a size whose
-estimated time per call (time per triple and triples per atom of the largest smaller periodic size
-measured, same system and setting) exceeds ``--max-seconds-per-call``, or whose triples would take
+Memory and time: the calculator evaluates pairs and angular items in blocks (bounded float
+temporaries), but keeps the Verlet list's item indices: up to 24 bytes per triple, ~100 at the peak
+while the list is built. Over triples (G4, non-integer ζ, or when cheaper) a 12 Å angular cutoff
+at these densities gives 120,000–150,000 triples per atom (~1 µs each per call): 10,000 atoms would
+need ~1.5·10⁹ triples, ~150 GB and ~25 min per call; by moments the items are the pairs. So a size
+whose estimated time per call (time per item and items per atom of the largest smaller periodic size
+measured, same system and setting) exceeds ``--max-seconds-per-call``, or whose items would take
 more than half of the available memory, is skipped with the reason printed.
 
 Output: a table per system (lMLP calls/s, ms/call, µs per atom and call for each setting, xTB
@@ -110,8 +111,8 @@ POSES, ROUNDS = 100, 200
 """Random poses tried per clashing molecule and round; rounds before giving up."""
 DISPLACEMENT = 1e-3
 """Standard deviation of the random moves between calls, Å."""
-BYTES_PER_TRIPLE = 100
-"""Estimated peak memory per triple while the Verlet list is built, bytes (24 kept)."""
+BYTES_PER_ITEM = 100
+"""Estimated peak memory per angular item (a triple; a pair takes less) while the Verlet list is built, bytes."""
 BACKEND_SIZES = (6, 100)
 """Requested sizes at which the calculator backends are compared ("compile": the first only)."""
 BLOCKS = 3
@@ -336,14 +337,16 @@ def rate_numbers(rate: Rate, n: int) -> dict[str, float]:
 
 
 def lmlp_point(atoms: Atoms, model: HDNNPEnsemble, budget: float, backend: str = "script") -> dict[str, Any]:
-    """float32 calculator rates (``rate_numbers``), neighbours and triples per atom, and the path
-    taken: the whole-step kernel (where ``backend`` matters) or blocked."""
+    """float32 calculator rates (``rate_numbers``), neighbours and angular items per atom (pairs by
+    moments or triples), and the path taken: the whole-step kernel (where ``backend`` matters) or blocked."""
     calc = LMLPCalculator(model, dtype=torch.float32, backend=backend)
     rate = call_rate(atoms, calc, budget)
     nb, n = calc._neighbours, len(atoms)
-    whole = calc._networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1
-    return {**rate_numbers(rate, n), "neighbours_per_atom": len(nb.i) / n, "triples_per_atom": len(nb.t0) / n,
-            "triples": len(nb.t0), "path": "whole-step kernel" if whole else "blocked"}
+    whole = calc._networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.angular_blocks) <= 1
+    items = nb.items.shape[1]
+    return {**rate_numbers(rate, n), "neighbours_per_atom": len(nb.i) / n, "angular_items_per_atom": items / n,
+            "angular_items": items, "angular_by": "moments" if nb.terms.moments else "triples",
+            "path": "whole-step kernel" if whole else "blocked"}
 
 
 def meminfo(key: str) -> int:
@@ -356,20 +359,21 @@ def meminfo(key: str) -> int:
 
 def lmlp_skip(previous: dict[str, Any] | None, n: int, max_seconds: float) -> dict[str, Any] | None:
     """A skip record (reason, estimates) if ``n`` atoms would take more than ``max_seconds`` per call
-    or more than half of the available memory for triples, estimated from ``previous`` (a measured
-    periodic point of the same system and setting, with its atom count) at equal triples per atom
-    and time per triple; None to measure."""
+    or more than half of the available memory for angular items, estimated from ``previous`` (a
+    measured periodic point of the same system and setting, with its atom count) at equal items per
+    atom and time per item; None to measure."""
     if previous is None:
         return None
-    triples = previous["triples_per_atom"] * n
-    seconds = previous["ms_per_call"] / 1e3 / max(previous["triples"], 1) * triples
-    memory, available = triples * BYTES_PER_TRIPLE, meminfo("MemAvailable")
+    items = previous["angular_items_per_atom"] * n
+    seconds = previous["ms_per_call"] / 1e3 / max(previous["angular_items"], 1) * items
+    memory, available = items * BYTES_PER_ITEM, meminfo("MemAvailable")
     if seconds <= max_seconds and memory <= available / 2:
         return None
-    reason = (f"~{triples:.2g} triples ({previous['triples_per_atom']:,.0f}/atom at {previous['atoms']:,} atoms): "
+    reason = (f"~{items:.2g} angular items ({previous['angular_items_per_atom']:,.0f}/atom at "
+              f"{previous['atoms']:,} atoms, {previous['angular_by']}): "
               f"~{seconds:,.0f} s per call (limit {max_seconds:g}), ~{memory / 1e9:,.1f} GB to build "
               f"(available {available / 1e9:.0f} GB)")
-    return {"skipped": reason, "estimated_triples": triples, "estimated_seconds_per_call": seconds,
+    return {"skipped": reason, "estimated_angular_items": items, "estimated_seconds_per_call": seconds,
             "estimated_bytes": memory}
 
 
@@ -470,7 +474,7 @@ def print_header(name: str, density: float) -> None:
             if name == SN2_BOX else f"CH3Cl at {LIQUID_DENSITY:g} g/cm³, periodic, neutral")
     print(f"\n{name} ({what}):")
     print(f"{'atoms':>6s}  {'lMLP setting':14s} {'calls/s':>9s} {'ms/call':>9s} {'µs/atom':>8s} {'neigh/atom':>10s} "
-          f"{'trip/atom':>10s} {'1st call s':>10s} | {'xTB calls/s':>11s} {'lMLP/xTB':>9s}")
+          f"{'ang./atom':>10s} {'1st call s':>10s} | {'xTB calls/s':>11s} {'lMLP/xTB':>9s}")
 
 
 def print_record(name: str, record: dict[str, Any]) -> None:
@@ -482,7 +486,7 @@ def print_record(name: str, record: dict[str, Any]) -> None:
             lmlp = f"skipped: {point['skipped']}"
         else:
             lmlp = (f"{point['calls_per_s']:9.2f} {point['ms_per_call']:9.2f} {point['us_per_atom']:8.1f} "
-                    f"{point['neighbours_per_atom']:10.1f} {point['triples_per_atom']:10.0f} "
+                    f"{point['neighbours_per_atom']:10.1f} {point['angular_items_per_atom']:10.0f} "
                     f"{point['first_call_s']:10.2f}")
         if xtb["status"] != "ok":
             right = f" | {xtb['status']}" if k == 0 else ""
@@ -604,7 +608,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     systems = build_systems(args.sizes, args.density, reactant_complex(s, BOX_REACTION), args.seed)
     print(f"\nenergy + forces calls, float32, single-threaded; atoms moved ~{DISPLACEMENT:g} Å between calls; "
           f"best of {BLOCKS} blocks of ~{args.budget / BLOCKS:g} s; neighbours within cutoff + {SKIN:g} Å skin, "
-          f"triples within angular cutoff + skin")
+          f"angular items (pairs by moments or triples) within angular cutoff + skin")
     results = scaling(systems, models, args)
     return {"machine": machine(), "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "models": model_info, "sn2_md": md, "scaling": results,

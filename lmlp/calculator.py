@@ -5,11 +5,13 @@ ASE optimiser and MD driver. The prediction is the ensemble mean; the spread of 
 uncertainty. Units: energies eV, forces eV/Å, lengths Å.
 
 Speed (small-molecule MD is overhead-bound): the calculator keeps a Verlet neighbour list (pairs
-within cutoff + skin, rebuilt when an atom has moved more than skin/2), with the triples (pairs
-within the angular cutoff + skin) and element weights of its pairs, and uses the terms' analytic
-slopes (``lmlp.descriptors.terms``). Each step evaluates the symmetry functions once, dE/dG of all
-members with per-atom gathered network weights (small systems) or the model's per-element
-networks, and contracts dE/dG with the pair and triple slopes for all members at once; no autograd.
+within cutoff + skin, rebuilt when an atom has moved more than skin/2), with the angular items
+(the pairs within the angular cutoff + skin, summed by moments in time linear in the number of
+neighbours, or their triples: ``_Neighbours``) and element weights of its pairs, and uses the
+terms' analytic slopes (``lmlp.descriptors.terms``). Each step evaluates the symmetry functions
+once, dE/dG of all members with per-atom gathered network weights (small systems) or the model's
+per-element networks, and contracts dE/dG with the pair and angular item slopes for all members
+at once; no autograd.
 The arithmetic is in ``lmlp.calculator_kernels``: a small molecule's whole step is one compiled
 call (``backend``). Pairs beyond the cutoffs contribute exactly zero (the cutoff
 functions), so the results equal ``HDNNPEnsemble.forward``.
@@ -31,8 +33,9 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from lmlp.descriptors.eeacsf import angular_triples
+from lmlp.descriptors.eeacsf import find_angular_items
 from lmlp.descriptors.neighbors import find_neighbors
+from lmlp.descriptors.terms import TermParameters
 from lmlp.elements import symbol
 from lmlp.errors import LmlpError
 from lmlp import calculator_kernels as kernels
@@ -51,7 +54,7 @@ structures are seldom flagged by the defaults."""
 SKIN = 1.0
 """Verlet-list skin, Å."""
 BLOCK_FLOATS = 1 << 22
-"""Largest per-block temporary (floats) of the member contraction over pairs or triples."""
+"""Largest per-block temporary (floats) of the member contraction over pairs or angular items."""
 GATHER_FLOATS = 1 << 22
 """Per-atom copies of the network weights up to this many floats (else per-element networks)."""
 
@@ -96,22 +99,29 @@ class UncertaintyThresholds:
 
 @dataclass
 class _Neighbours:
-    """A Verlet list: pairs within cutoff + skin and their triples (pairs within the angular cutoff
-    + skin), grouped by element classes.
+    """A Verlet list: pairs within cutoff + skin and their angular items (``find_angular_items``
+    within the angular cutoff + skin), grouped by element classes.
+
+    G5 functions with integer ζ are sums over pairs by moments (``lmlp.descriptors.moments``) where
+    that is cheaper than over triples (``LMLPCalculator._moments_pay_off``): in condensed phases,
+    not for a few-atom molecule, whose few triples cost less than the per-atom contraction of the
+    moments. G4 and non-integer ζ always take triples. Both give the same values (to round-off).
 
     The descriptor of atom i sums pair terms weighted by w(Z_j) and triple terms weighted by
     W(Z_j, Z_k). With the nz elements of the structure, pair terms are first summed per
-    (element of j, centre) "slot" and triple terms per (element of j, element of k, centre) slot;
-    one matmul with the nz (or nz²) distinct weight vectors then gives G, and the same slots carry
-    dE/dG back to the pairs and triples. Slots are element-major, so that both are plain matmuls.
+    (element of j, centre) "slot"; the angular items' terms per (element of j, centre) slot too
+    (moments M, ``lmlp.descriptors.moments``, which are then contracted with the nz² weight vectors)
+    or, for triples, per (element of j, element of k, centre) slot (then one matmul with the nz²
+    weight vectors). The same slots carry dE/dG back to the pairs and items. Slots are element-major.
 
     Attributes:
         key: numbers, cell and pbc it was built for. reference: (N, 3) positions at the build, Å.
         i, j: (P,) centre and neighbour. shifts: (P, 3) float64 image shifts, Å.
-        pair_slot: (P,) (element of j)·N + i. t0, t1: (Q,) the two pairs of a triple.
-        triple_slot: (Q,) (nz·(element of j) + element of k)·N + i.
-        pair_weights: (nz, T). triple_weights: (nz², U). n_elements: nz.
-        pair_blocks, triple_blocks: slices of pairs and triples evaluated together.
+        pair_slot: (P,) (element of j)·N + i. terms: the term parameters, by moments or over triples.
+        items: (1, Q) angular pairs (moments) or (2, Q) the two pairs of each triple.
+        angular_slot: (Q,) (element of j)·N + i, or (nz·(element of j) + element of k)·N + i.
+        pair_weights: (nz, T). angular_weights: (nz², U). n_elements: nz.
+        pair_blocks, angular_blocks: slices of pairs and angular items evaluated together.
     """
 
     key: tuple
@@ -120,14 +130,14 @@ class _Neighbours:
     j: torch.Tensor
     shifts: torch.Tensor
     pair_slot: torch.Tensor
-    t0: torch.Tensor
-    t1: torch.Tensor
-    triple_slot: torch.Tensor
+    terms: TermParameters
+    items: torch.Tensor
+    angular_slot: torch.Tensor
     pair_weights: torch.Tensor
-    triple_weights: torch.Tensor
+    angular_weights: torch.Tensor
     n_elements: int
     pair_blocks: list[slice]
-    triple_blocks: list[slice]
+    angular_blocks: list[slice]
 
 
 class _Networks:
@@ -260,7 +270,6 @@ class LMLPCalculator(Calculator):
         self._baseline = 0.0
         self._terms = self.model.descriptor.terms(self.dtype)
         self._n_radial = len(self._terms.radial_eta)
-        self._n_angular = len(self._terms.angular_eta) * len(self._terms.angular_lambda)
 
     @property
     def members(self) -> int:
@@ -337,14 +346,14 @@ class LMLPCalculator(Calculator):
         positions = torch.from_numpy(atoms.positions)
         nb = self._update_neighbours(atoms)
         networks = self._networks
-        if networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1:
-            t = self._terms
+        if networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.angular_blocks) <= 1:
+            t = nb.terms
             atomic, forces, r, gradient = self._small_system(
-                positions, nb.i, nb.j, nb.shifts, nb.pair_slot, nb.t0, nb.t1, nb.triple_slot, nb.pair_weights,
-                nb.triple_weights, t.radial_eta, t.radial_rs, t.angular_eta, t.angular_lambda, t.angular_zeta,
-                t.norm, t.slope_norm, t.cutoff, t.angular_cutoff, t.cutoff_function, t.g4, networks.mean,
-                networks.inv_std, networks.weights, networks.biases, networks.transposed, networks.activation,
-                self.members)
+                positions, nb.i, nb.j, nb.shifts, nb.pair_slot, nb.items, nb.angular_slot, nb.pair_weights,
+                nb.angular_weights, t.radial_eta, t.radial_rs, t.angular_eta, t.angular_lambda, t.angular_zeta,
+                t.norm, t.slope_norm, t.monomial_index, t.monomial_exponents, t.moment_coefficients, t.cutoff,
+                t.angular_cutoff, t.cutoff_function, t.g4, t.moments, networks.mean, networks.inv_std,
+                networks.weights, networks.biases, networks.transposed, networks.activation, self.members)
         else:
             atomic, forces, r, gradient = self._blocked(nb, positions)
         closest = float(r.min()) if r.shape[0] else math.inf
@@ -357,36 +366,42 @@ class LMLPCalculator(Calculator):
     def _blocked(
         self, nb: _Neighbours, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``kernels.small_system`` for larger systems: pairs and triples in blocks (terms recomputed
-        for the gradients when there are several), per-element networks when per-atom copies of
-        the weights would be too large."""
-        n = len(positions)
+        """``kernels.small_system`` for larger systems: pairs and angular items in blocks (slopes
+        recomputed for the gradients when there are several), per-element networks when per-atom
+        copies of the weights would be too large."""
+        n, t = len(positions), nb.terms
         v = (positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype)
-        pairs = self._terms.pair_data(v)
+        pairs = t.pair_data(v)
         nb = self._angular_now(nb, pairs[:, 3])
-        keep = len(nb.pair_blocks) <= 1 and len(nb.triple_blocks) <= 1
-        radials = [self._radial(pairs[block], keep) for block in nb.pair_blocks]
-        angulars = [self._angular(pairs[nb.t0[block]], pairs[nb.t1[block]], keep) for block in nb.triple_blocks]
-        G_radial = pairs.new_zeros(n, nb.pair_weights.shape[1] * self._n_radial)
-        for block, (values, _) in zip(nb.pair_blocks, radials):
-            G_radial += kernels.slot_sums(values, nb.pair_slot[block], nb.pair_weights, n)
-        G_angular = pairs.new_zeros(n, nb.triple_weights.shape[1] * self._n_angular)
-        for block, (values, _) in zip(nb.triple_blocks, angulars):
-            G_angular += kernels.slot_sums(values, nb.triple_slot[block], nb.triple_weights, n)
-        G = torch.cat([G_radial, G_angular], 1)
+        radial_sums = pairs.new_zeros(nb.n_elements * n, self._n_radial)
+        radial_slopes = []
+        for block in nb.pair_blocks:
+            values, slopes = t.radial(pairs[block], len(nb.pair_blocks) <= 1)
+            radial_sums.index_add_(0, nb.pair_slot[block], values)
+            radial_slopes.append(slopes)
+        angular_kinds = nb.n_elements if t.moments else nb.n_elements**2
+        angular_sums = pairs.new_zeros(angular_kinds * n, _item_width(t))
+        angular_slopes = []
+        for block in nb.angular_blocks:
+            values, slopes = t.angular_items(pairs, nb.items[:, block], len(nb.angular_blocks) <= 1)
+            angular_sums.index_add_(0, nb.angular_slot[block], values)
+            angular_slopes.append(slopes)
+        G_angular, jacobian = kernels.angular_descriptors(angular_sums, nb.angular_weights, t.moment_coefficients, n,
+                                                          t.moments)
+        G = torch.cat([kernels.weighted_slots(radial_sums, nb.pair_weights, n), G_angular], 1)
         atomic, dE_dG = self._networks(G)
-        gradient = self._pair_gradients(nb, pairs, dE_dG, radials if keep else None, angulars if keep else None)
+        gradient = self._pair_gradients(nb, pairs, dE_dG, jacobian, radial_slopes, angular_slopes)
         return atomic, kernels.pair_forces(gradient, nb.i, nb.j, n), pairs[:, 3], gradient
 
     def _angular_now(self, nb: _Neighbours, distances: torch.Tensor) -> _Neighbours:
-        """``nb`` with only the triples whose two pairs are now inside the angular cutoff (the
-        others add exactly zero; the skin holds about 60 % more triples at a 6 Å angular cutoff)."""
-        inside = distances < self._terms.angular_cutoff
-        active = torch.nonzero(inside[nb.t0] & inside[nb.t1]).flatten()
-        if len(active) == len(nb.t0):
+        """``nb`` with only the angular items whose pairs are now inside the angular cutoff (the
+        others add exactly zero; at a 6 Å angular cutoff a 1 Å skin holds about 60 % more pairs)."""
+        inside = distances < nb.terms.angular_cutoff
+        active = torch.nonzero(inside[nb.items].all(0)).flatten()
+        if len(active) == nb.items.shape[1]:
             return nb
-        return dataclasses.replace(nb, t0=nb.t0[active], t1=nb.t1[active], triple_slot=nb.triple_slot[active],
-                                   triple_blocks=self._triple_blocks(len(active)))
+        return dataclasses.replace(nb, items=nb.items[:, active], angular_slot=nb.angular_slot[active],
+                                   angular_blocks=self._angular_blocks(len(active), nb.terms))
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""
@@ -422,62 +437,79 @@ class LMLPCalculator(Calculator):
         )
         i, j = nb.pairs
         distances = nb.vectors(torch.from_numpy(atoms.positions)).norm(dim=1)
-        triples = angular_triples(nb.pairs, distances, descriptor.angular_cutoff + self.skin, len(atoms))
         elements, element = np.unique(atoms.numbers, return_inverse=True)
         nz, element = len(elements), torch.from_numpy(element.astype(np.int64))
         n = len(atoms)
+        angular_cutoff = descriptor.angular_cutoff + self.skin
+        moments = self._terms.moments and self._moments_pay_off(i[distances < angular_cutoff], n, nz)
+        terms = self._terms if moments else dataclasses.replace(self._terms, moments=False)
+        items = find_angular_items(nb.pairs, distances, angular_cutoff, n, moments)
         z = torch.from_numpy(elements.astype(np.int64))
-        t0, t1 = triples
-        pair_slot, triple_slot = kernels.element_slots(element[j], i, t0, t1, nz, n)
+        pair_slot, angular_slot = kernels.element_slots(element[j], i, items, nz, n)
         return _Neighbours(
             key=key, reference=atoms.positions.copy(), i=i, j=j, shifts=nb.shifts.to(torch.float64),
-            pair_slot=pair_slot, t0=t0, t1=t1, triple_slot=triple_slot,
+            pair_slot=pair_slot, terms=terms, items=items, angular_slot=angular_slot,
             pair_weights=descriptor.neighbor_weights[z].to(self.dtype),
-            triple_weights=descriptor.pair_weights[z][:, z].reshape(nz**2, -1).to(self.dtype),
+            angular_weights=descriptor.pair_weights[z][:, z].reshape(nz**2, -1).to(self.dtype),
             n_elements=nz,
             pair_blocks=self._blocks(len(i), (self.members + 3) * self._n_radial),
-            triple_blocks=self._triple_blocks(len(t0)),
+            angular_blocks=self._angular_blocks(items.shape[1], terms),
         )
 
-    def _triple_blocks(self, n: int) -> list[slice]:
-        """``_blocks`` of ``n`` triples."""
-        return self._blocks(n, (self.members + 6) * self._n_angular)
+    def _moments_pay_off(self, centres: torch.Tensor, n_atoms: int, n_elements: int) -> bool:
+        """Whether the angular functions cost less by moments than over triples, for the centres (Q,)
+        of the pairs within the angular cutoff + skin: the moments' contraction per atom, E·U·L·nz·K
+        (M + 2) multiply-adds (M members; per pair they cost little more than a radial term), against
+        E·L (4M + 30) per triple (its terms and their member contraction). Measured on one core
+        (default SN2 descriptor, 10 members), this picks the faster path from a 5-atom molecule to
+        molecular clusters (moments faster from ~20 atoms) and dilute gases (triples faster)."""
+        m, n_columns = self.members, self._terms.moment_coefficients.shape[1]
+        n_weights = self.model.descriptor.pair_weights.shape[2]
+        counts = torch.bincount(centres, minlength=n_atoms)
+        triples = int((counts * (counts - 1)).sum()) // 2
+        return n_weights * n_columns * n_elements * (m + 2) * n_atoms < (4 * m + 30) * triples
+
+    def _angular_blocks(self, n: int, terms: TermParameters) -> list[slice]:
+        """``_blocks`` of ``n`` angular items with the term parameters ``terms``."""
+        return self._blocks(n, (self.members + 6) * _item_width(terms))
 
     def _blocks(self, n: int, width: int) -> list[slice]:
-        """Slices of ``n`` pairs or triples with at most ``BLOCK_FLOATS`` temporaries (``width`` per item)."""
+        """Slices of ``n`` pairs or angular items with at most ``BLOCK_FLOATS`` temporaries (``width`` per item)."""
         size = max(1, BLOCK_FLOATS // width)
         return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
-    def _radial(self, pairs: torch.Tensor, slopes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Radial terms (P, K) of pairs with ``terms.pair_data`` rows ``pairs``, and their slopes."""
-        return self._terms.radial(pairs, slopes)
-
-    def _angular(self, first: torch.Tensor, second: torch.Tensor,
-                 slopes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Angular terms (Q, E·L) of triples and their gradient coefficients (``terms.angular``)."""
-        return self._terms.angular(first, second, slopes)
-
     def _pair_gradients(
-        self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor,
-        radials: list[tuple[torch.Tensor, torch.Tensor | None]] | None,
-        angulars: list[tuple[torch.Tensor, torch.Tensor | None]] | None,
+        self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor, jacobian: torch.Tensor,
+        radial_slopes: list[torch.Tensor | None], angular_slopes: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """dE_m/dv_p (P, M, 3) of every member m and pair vector v_p, eV/Å, block by block.
+        """dE_m/dv_p (P, M, 3) of every member m and pair vector v_p, eV/Å, block by block, with the
+        slopes of each block (recomputed where None).
 
-        dE/dG is first taken to the element slots (one matmul per kind), then gathered per pair
-        and triple and contracted with the term slopes (one bmm per kind and block).
+        dE/dG is first taken to the element slots (one matmul per kind, through the angular Jacobian
+        of ``kernels.angular_descriptors``), then gathered per pair and angular item and contracted
+        with the slopes (one bmm per kind and block).
         """
+        t = nb.terms
         n_radial = nb.pair_weights.shape[1] * self._n_radial
         radial_slots = kernels.slot_gradients(dE_dG[:, :, :n_radial], nb.pair_weights, self._n_radial)
-        angular_slots = kernels.slot_gradients(dE_dG[:, :, n_radial:], nb.triple_weights, self._n_angular)
+        angular_slots = kernels.angular_slot_gradients(dE_dG[:, :, n_radial:], jacobian, t.moments)
         gradient = pairs.new_empty(pairs.shape[0], self.members, 3)
-        for k, block in enumerate(nb.pair_blocks):
-            slopes = radials[k][1] if radials is not None else self._radial(pairs[block])[1]
-            gradient[block] = kernels.radial_gradient(radial_slots[nb.pair_slot[block]], slopes, pairs[block, 0:3])
-        for k, block in enumerate(nb.triple_blocks):
-            t0, t1 = nb.t0[block], nb.t1[block]
-            first, second = pairs[t0], pairs[t1]
-            slopes = angulars[k][1] if angulars is not None else self._angular(first, second)[1]
-            kernels.add_angular_gradient(gradient, angular_slots[nb.triple_slot[block]], slopes, t0, t1,
-                                         first[:, 0:3], second[:, 0:3])
+        units = pairs[:, 0:3]
+        for block, slopes in zip(nb.pair_blocks, radial_slopes):
+            if slopes is None:
+                slopes = t.radial(pairs[block], True)[1]
+            slots = radial_slots.index_select(0, nb.pair_slot[block])
+            gradient[block] = kernels.radial_gradient(slots, slopes, units[block])
+        for block, slopes in zip(nb.angular_blocks, angular_slopes):
+            items = nb.items[:, block]
+            if slopes is None:
+                slopes = t.angular_items(pairs, items, True)[1]
+            slots = angular_slots.index_select(0, nb.angular_slot[block])
+            kernels.add_angular_gradient(gradient, slots, slopes, items, units, t.moments)
         return gradient
+
+
+def _item_width(terms: TermParameters) -> int:
+    """Terms per angular item: the E·K moment terms of a pair or the E·L angular terms of a triple."""
+    per_eta = terms.moment_coefficients.shape[1] if terms.moments else len(terms.angular_lambda)
+    return len(terms.angular_eta) * per_eta

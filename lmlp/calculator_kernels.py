@@ -4,8 +4,9 @@ Small-molecule MD is bound by per-operation overhead, not arithmetic: a 6-atom s
 tiny tensor operations. ``small_system`` runs a whole step (descriptors → dE/dG → pair gradients →
 forces) in one function, which the calculator compiles (``compiled_small_system``: TorchScript or
 ``torch.compile``) or runs eagerly; the pieces are also used one by one, eagerly, for systems
-evaluated in blocks. The terms and their slopes are ``lmlp.descriptors.terms``'. All functions are
-TorchScript-compatible. Lengths Å, energies eV.
+evaluated in blocks. The terms and their slopes are ``lmlp.descriptors.terms``', the angular ones
+summed over angular items: pairs by moments (``lmlp.descriptors.moments``) or triples. All functions
+are TorchScript-compatible. Lengths Å, energies eV.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Callable, List, Tuple
 import torch
 from torch import Tensor
 
-from lmlp.descriptors.terms import angular, angular_gradients, pair_data, radial
+from lmlp.descriptors.moments import moment_descriptors, moment_gradients, moment_jacobian
+from lmlp.descriptors.terms import angular_gradients, angular_items, pair_data, radial, slot_sums
 from lmlp.model import activate
 
 
@@ -43,39 +45,67 @@ def gathered_networks(
 
 
 def element_slots(
-    element_j: Tensor, i: Tensor, t0: Tensor, t1: Tensor, n_elements: int, n_atoms: int
+    element_j: Tensor, i: Tensor, items: Tensor, n_elements: int, n_atoms: int
 ) -> Tuple[Tensor, Tensor]:
-    """Element slots (``lmlp.calculator._Neighbours``) of the pairs (P,), (element of j)·N + i, and
-    of the triples (Q,), (nz·(element of j) + element of k)·N + i; ``element_j`` (P,) is the element
-    position (0..nz − 1) of each pair's neighbour j, i (P,) its centre, t0, t1 (Q,) the triples' pairs."""
-    return element_j * n_atoms + i, (element_j[t0] * n_elements + element_j[t1]) * n_atoms + i[t0]
+    """Element slots (``lmlp.calculator._Neighbours``) of the pairs (P,), (element of j)·N + i, and of
+    the angular items (Q,), (element class)·N + i of their centre: for a pair (moments; items (1, Q))
+    the element of j, for a triple (items (2, Q)) nz·(element of j) + element of k. ``element_j`` (P,)
+    is the element position (0..nz − 1) of each pair's neighbour j, i (P,) its centre."""
+    element = element_j.index_select(0, items[0])
+    for row in range(1, items.shape[0]):
+        element = element * n_elements + element_j.index_select(0, items[row])
+    return element_j * n_atoms + i, element * n_atoms + i.index_select(0, items[0])
 
 
-def slot_descriptors(
-    rad: Tensor, ang: Tensor, pair_slot: Tensor, triple_slot: Tensor, pair_weights: Tensor,
-    triple_weights: Tensor, n_atoms: int,
-) -> Tensor:
-    """Descriptors G (N, F) from radial terms (P, K) and angular terms (Q, E·L) by element slots."""
-    return torch.cat([slot_sums(rad, pair_slot, pair_weights, n_atoms),
-                      slot_sums(ang, triple_slot, triple_weights, n_atoms)], 1)
+def descriptors(
+    rad: Tensor, ang: Tensor, pair_slot: Tensor, angular_slot: Tensor, pair_weights: Tensor,
+    angular_weights: Tensor, coefficients: Tensor, n_atoms: int, moments: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Descriptors G (N, F) from radial terms (P, K) and angular item terms (Q, C) by element slots,
+    and the Jacobian of the angular part (``angular_descriptors``)."""
+    G_radial = weighted_slots(slot_sums(rad, pair_slot, pair_weights.shape[0] * n_atoms), pair_weights, n_atoms)
+    angular_kinds = pair_weights.shape[0] if moments else angular_weights.shape[0]  # nz or nz²
+    angular_sums = slot_sums(ang, angular_slot, angular_kinds * n_atoms)
+    G_angular, jacobian = angular_descriptors(angular_sums, angular_weights, coefficients, n_atoms, moments)
+    return torch.cat([G_radial, G_angular], 1), jacobian
 
 
-def slot_sums(values: Tensor, slot: Tensor, element_weights: Tensor, n_atoms: int) -> Tensor:
-    """Descriptors (N, T·C) from terms (B, C) summed per element slot: the slots (nz^k·N, C) are
+def weighted_slots(sums: Tensor, element_weights: Tensor, n_atoms: int) -> Tensor:
+    """Descriptors (N, T·C) from terms summed per element slot (nz^k·N, C) (``slot_sums``), the slots
     weighted by ``element_weights`` (nz^k, T) (see ``lmlp.calculator._Neighbours``)."""
     n_slot_kinds = element_weights.shape[0]
-    by_slot = values.new_zeros(n_atoms * n_slot_kinds, values.shape[1]).index_add_(0, slot, values)
-    G = (element_weights.T @ by_slot.view(n_slot_kinds, -1)).view(-1, n_atoms, values.shape[1])
+    G = (element_weights.T @ sums.view(n_slot_kinds, -1)).view(-1, n_atoms, sums.shape[1])
     return G.transpose(0, 1).reshape(n_atoms, -1)
+
+
+def angular_descriptors(
+    sums: Tensor, weights: Tensor, coefficients: Tensor, n_atoms: int, moments: bool
+) -> Tuple[Tensor, Tensor]:
+    """Angular descriptors (N, U·E·L) from the angular item terms summed per slot (``slot_sums``), and
+    their Jacobian with respect to these sums: by moments the ``moment_jacobian`` (N, E, U, L, nz, K)
+    (``coefficients`` (L, K)), over triples the pair weights (nz², U) themselves (G is linear in the
+    sums)."""
+    if moments:
+        jacobian = moment_jacobian(sums, weights, coefficients, n_atoms)
+        return moment_descriptors(sums, jacobian), jacobian
+    return weighted_slots(sums, weights, n_atoms), weights
 
 
 def slot_gradients(dE_dG: Tensor, element_weights: Tensor, n_terms: int) -> Tensor:
     """dE/d(term) per element slot (nz^k·N, M, C) from the part of dE/dG (N, M, T·C) that the
-    slots feed (the transpose of ``slot_sums``)."""
+    slots feed (the transpose of ``weighted_slots``)."""
     n, m = dE_dG.shape[0], dE_dG.shape[1]
     n_types = element_weights.shape[1]
     per_type = dE_dG.reshape(n, m, n_types, n_terms).permute(2, 0, 1, 3).reshape(n_types, -1)
     return (element_weights @ per_type).view(-1, m, n_terms)
+
+
+def angular_slot_gradients(dE_dG: Tensor, jacobian: Tensor, moments: bool) -> Tensor:
+    """dE/d(item term) per slot (nz^k·N, M, C) from the angular part of dE/dG (N, M, U·E·L) and the
+    Jacobian of ``angular_descriptors``."""
+    if moments:
+        return moment_gradients(dE_dG, jacobian)
+    return slot_gradients(dE_dG, jacobian, dE_dG.shape[2] // jacobian.shape[1])
 
 
 def radial_gradient(slots: Tensor, slopes: Tensor, units: Tensor) -> Tensor:
@@ -85,27 +115,32 @@ def radial_gradient(slots: Tensor, slopes: Tensor, units: Tensor) -> Tensor:
 
 
 def add_angular_gradient(
-    gradient: Tensor, slots: Tensor, coefficients: Tensor, t0: Tensor, t1: Tensor, uj: Tensor, uk: Tensor
+    gradient: Tensor, slots: Tensor, slopes: Tensor, items: Tensor, units: Tensor, moments: bool
 ) -> None:
-    """Add the triples' dE_m/dv of both pairs to ``gradient`` (P, M, 3); slots (Q, M, E·L),
-    coefficients (Q, E·L, 4), unit vectors of the pairs uj, uk (Q, 3)."""
-    on_j, on_k = angular_gradients(torch.bmm(slots, coefficients), uj, uk)  # (Q, M, 3) each
-    gradient.index_add_(0, t0, on_j)
-    gradient.index_add_(0, t1, on_k)
+    """Add the angular items' dE_m/dv of their pairs to ``gradient`` (P, M, 3): ``slots`` (Q, M, C) the
+    slot gradients of the items, ``slopes`` their moment slopes (Q, C, 3) (moments, items (1, Q)) or
+    gradient coefficients (Q, C, 4) (triples, items (2, Q)), ``units`` (P, 3) the pairs' unit vectors."""
+    if moments:
+        gradient.index_add_(0, items[0], torch.bmm(slots, slopes))
+        return
+    on_j, on_k = angular_gradients(torch.bmm(slots, slopes), units.index_select(0, items[0]),
+                                   units.index_select(0, items[1]))  # (Q, M, 3) each
+    gradient.index_add_(0, items[0], on_j)
+    gradient.index_add_(0, items[1], on_k)
 
 
 def pair_gradients(
-    dE_dG: Tensor, pair_weights: Tensor, triple_weights: Tensor, pair_slot: Tensor, triple_slot: Tensor,
-    rad_slopes: Tensor, ang_slopes: Tensor, units: Tensor, t0: Tensor, t1: Tensor, uj: Tensor, uk: Tensor,
+    dE_dG: Tensor, pair_weights: Tensor, jacobian: Tensor, pair_slot: Tensor, angular_slot: Tensor,
+    rad_slopes: Tensor, ang_slopes: Tensor, units: Tensor, items: Tensor, moments: bool,
 ) -> Tensor:
     """dE_m/dv (P, M, 3) eV/Å of every pair vector from dE/dG (N, M, F), through the element slots:
-    radial slopes (P, K), angular coefficients (Q, E·L, 4), the pairs' unit vectors (P, 3) and those
-    of the triples' two pairs uj, uk (Q, 3)."""
+    radial slopes (P, K), the angular items' slopes (``add_angular_gradient``), the Jacobian of
+    ``angular_descriptors`` and the pairs' unit vectors (P, 3)."""
     n_radial = pair_weights.shape[1] * rad_slopes.shape[1]
     radial_slots = slot_gradients(dE_dG[:, :, :n_radial], pair_weights, rad_slopes.shape[1])
-    angular_slots = slot_gradients(dE_dG[:, :, n_radial:], triple_weights, ang_slopes.shape[1])
+    angular_slots = angular_slot_gradients(dE_dG[:, :, n_radial:], jacobian, moments)
     gradient = radial_gradient(radial_slots.index_select(0, pair_slot), rad_slopes, units)
-    add_angular_gradient(gradient, angular_slots.index_select(0, triple_slot), ang_slopes, t0, t1, uj, uk)
+    add_angular_gradient(gradient, angular_slots.index_select(0, angular_slot), ang_slopes, items, units, moments)
     return gradient
 
 
@@ -122,31 +157,31 @@ def pair_forces(gradient: Tensor, i: Tensor, j: Tensor, n_atoms: int) -> Tensor:
 
 
 def small_system(
-    positions: Tensor, i: Tensor, j: Tensor, shifts: Tensor, pair_slot: Tensor, t0: Tensor, t1: Tensor,
-    triple_slot: Tensor, pair_weights: Tensor, triple_weights: Tensor,
-    radial_eta: Tensor, radial_rs: Tensor, eta: Tensor, lam: Tensor, zeta: Tensor, norm: Tensor,
-    slope_norm: Tensor, cutoff: float, angular_cutoff: float, cutoff_function: str, g4: bool,
+    positions: Tensor, i: Tensor, j: Tensor, shifts: Tensor, pair_slot: Tensor, items: Tensor, angular_slot: Tensor,
+    pair_weights: Tensor, angular_weights: Tensor, radial_eta: Tensor, radial_rs: Tensor, eta: Tensor, lam: Tensor,
+    zeta: Tensor, norm: Tensor, slope_norm: Tensor, index: Tensor, exponents: Tensor, coefficients: Tensor,
+    cutoff: float, angular_cutoff: float, cutoff_function: str, g4: bool, moments: bool,
     mean: Tensor, inv_std: Tensor, weights: List[Tensor], biases: List[Tensor], transposed: List[Tensor],
     activation: int, members: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One whole evaluation, all pairs and triples in one block, per-atom network weights.
+    """One whole evaluation, all pairs and angular items in one block, per-atom network weights.
 
-    positions (N, 3) float64 Å; the rest as in ``lmlp.calculator._Neighbours`` and
-    ``gathered_networks``, in the compute dtype. Returns atomic energies (N, M) eV, forces
+    positions (N, 3) float64 Å; the rest as in ``lmlp.calculator._Neighbours``, ``TermParameters``
+    and ``gathered_networks``, in the compute dtype. Returns atomic energies (N, M) eV, forces
     (N, M, 3) eV/Å, the pair distances (P,) Å and dE_m/dv of the pair vectors (P, M, 3) eV/Å.
     """
     n = positions.shape[0]
     v = (positions.index_select(0, j) - positions.index_select(0, i) + shifts).to(radial_eta.dtype)
     pairs = pair_data(v, cutoff, angular_cutoff, cutoff_function, eta)
-    first, second = pairs.index_select(0, t0), pairs.index_select(0, t1)
     rad, rad_slopes = radial(pairs, radial_eta, radial_rs, True)
-    ang, ang_slopes = angular(first, second, eta, lam, zeta, norm, slope_norm, cutoff, angular_cutoff,
-                              cutoff_function, g4, True)
-    G = slot_descriptors(rad, ang, pair_slot, triple_slot, pair_weights, triple_weights, n)
+    ang, ang_slopes = angular_items(pairs, items, eta, lam, zeta, norm, slope_norm, index, exponents, cutoff,
+                                    angular_cutoff, cutoff_function, g4, moments, True)
+    G, jacobian = descriptors(rad, ang, pair_slot, angular_slot, pair_weights, angular_weights, coefficients, n,
+                              moments)
     atomic, dE_dG = gathered_networks(G, mean, inv_std, weights, biases, transposed, activation, members)
     assert rad_slopes is not None and ang_slopes is not None
-    gradient = pair_gradients(dE_dG, pair_weights, triple_weights, pair_slot, triple_slot, rad_slopes, ang_slopes,
-                              pairs[:, 0:3], t0, t1, first[:, 0:3], second[:, 0:3])
+    gradient = pair_gradients(dE_dG, pair_weights, jacobian, pair_slot, angular_slot, rad_slopes, ang_slopes,
+                              pairs[:, 0:3], items, moments)
     return atomic, pair_forces(gradient, i, j, n), pairs[:, 3], gradient
 
 

@@ -476,9 +476,11 @@ def export_command(
     aoti_target = target.with_suffix(".aoti.pt2") if aoti else None
     if model.resolve() in (target.resolve(), aoti_target and aoti_target.resolve()):
         raise LmlpError(f"{model}: the export would overwrite the model file; name the output")
-    export_model(load_model(model)[0], target, aoti_target)
+    loaded = load_model(model)[0]
+    export_model(loaded, target, aoti_target)
+    triples = "" if loaded.descriptor.moments else ", triples (2, Q)"
     typer.echo(f"wrote {target}{f' and {aoti_target}' if aoti else ''}: inputs numbers (N,), positions (N, 3) Å, "
-               f"pairs (2, P), shifts (P, 3) Å, triples (2, Q); outputs energies (M,) eV, forces (M, N, 3) eV/Å, "
+               f"pairs (2, P), shifts (P, 3) Å{triples}; outputs energies (M,) eV, forces (M, N, 3) eV/Å, "
                f"virials (M, 3, 3) eV")
 
 

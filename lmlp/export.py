@@ -13,8 +13,10 @@ Inputs, for ONE structure, as an MD code supplies them (all sizes dynamic):
 - ``positions``: (N, 3) float64, Å.
 - ``pairs``: (2, P) int64 directed neighbour pairs i → j, both directions listed.
 - ``shifts``: (P, 3) float64 Cartesian image shifts, Å; the pair vector is R_j − R_i + shift.
-- ``triples``: (2, Q) int64 indices into the pairs: every unordered two pairs (listed once) of one
-  centre atom that are both shorter than ``angular_cutoff``.
+- ``triples``, only for models whose angular functions are sums over triples (G4, or non-integer ζ;
+  ``metadata["inputs"]`` lists the inputs): (2, Q) int64 indices into the pairs, every unordered two
+  pairs (listed once) of one centre atom that are both shorter than ``angular_cutoff``. G5 functions
+  with integer ζ are computed from the pairs alone, by moments (``lmlp.descriptors.moments``).
 
 Pairs and triples beyond the cutoffs contribute exactly zero (the cutoff functions), so a host
 list with a larger cutoff (a Verlet skin) is fine; a zero-length pair is not (1/r).
@@ -32,19 +34,22 @@ symbolic where the networks take ``len`` of their input.
 The file also stores ``metadata.json`` (``metadata``: format, format_version, lmlp_version, units,
 elements, cutoff, angular_cutoff, cutoff_function, members, activation, dtype, inputs, outputs).
 
-In Python with lmlp: ``load_exported(path)(numbers, positions, cell, pbc)`` builds the pairs and
-triples (``find_neighbors``, ``angular_triples``) and runs the program. Without lmlp, with any
-neighbour list within ``meta["cutoff"]``, here ASE's for an ``Atoms`` object ``atoms``::
+In Python with lmlp: ``load_exported(path)(numbers, positions, cell, pbc)`` builds the pairs (and
+triples, if the program takes them: ``find_neighbors``, ``find_angular_items``) and runs the
+program. Without lmlp, with any neighbour list within ``meta["cutoff"]``, here ASE's for an
+``Atoms`` object ``atoms``::
 
     extra = {"metadata.json": ""}
     program = torch.export.load("model.pt2", extra_files=extra)
     meta = json.loads(extra["metadata.json"])
     i, j, d, S = ase.neighborlist.neighbor_list("ijdS", atoms, meta["cutoff"])
-    short = np.flatnonzero(d < meta["angular_cutoff"])
-    triples = [(p, q) for c in np.unique(i[short]) for p, q in itertools.combinations(short[i[short] == c], 2)]
-    energies, forces, virials = program.module()(
-        torch.from_numpy(atoms.numbers), torch.from_numpy(atoms.positions), torch.from_numpy(np.stack([i, j])),
-        torch.from_numpy(S @ atoms.cell.array), torch.tensor(triples, dtype=torch.int64).reshape(-1, 2).T.contiguous())
+    inputs = [torch.from_numpy(atoms.numbers), torch.from_numpy(atoms.positions), torch.from_numpy(np.stack([i, j])),
+              torch.from_numpy(S @ atoms.cell.array)]
+    if "triples" in meta["inputs"]:
+        short = np.flatnonzero(d < meta["angular_cutoff"])
+        triples = [(p, q) for c in np.unique(i[short]) for p, q in itertools.combinations(short[i[short] == c], 2)]
+        inputs.append(torch.tensor(triples, dtype=torch.int64).reshape(-1, 2).T.contiguous())
+    energies, forces, virials = program.module()(*inputs)
 
 (``program.module()`` runs the graph eagerly, one operation after the other.)
 
@@ -55,7 +60,7 @@ the dtypes above, contiguous (the compiled code does not check strides: a transp
 gives wrong results)::
 
     torch::inductor::AOTIModelPackageLoader loader("model.aoti.pt2");
-    auto out = loader.run({numbers, positions, pairs, shifts, triples});  // energies, forces, virials
+    auto out = loader.run({numbers, positions, pairs, shifts});  // energies, forces, virials (+ triples if taken)
     auto meta = loader.get_metadata()["metadata.json"];
 
 Integrity: like every torch zip file, a ``.pt2`` stores a CRC-32 per archive member, which
@@ -76,8 +81,8 @@ import torch
 from torch import Tensor
 
 import lmlp
-from lmlp.calculator_kernels import element_slots, pair_forces, pair_gradients, pair_virials, slot_descriptors
-from lmlp.descriptors.eeacsf import angular_triples
+from lmlp.calculator_kernels import descriptors, element_slots, pair_forces, pair_gradients, pair_virials
+from lmlp.descriptors.eeacsf import find_angular_items
 from lmlp.descriptors.neighbors import find_neighbors, find_triples
 from lmlp.descriptors.terms import TermParameters
 from lmlp.elements import MAX_Z
@@ -86,7 +91,8 @@ from lmlp.model import HDNNPEnsemble
 from lmlp.modelfile import UNITS
 
 FORMAT = "lmlp.export"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""3: programs by moments (G5 with integer ζ) take no ``triples`` input."""
 METADATA_FILE = "metadata.json"
 """Name of the metadata entry among the ``.pt2`` file's extra files."""
 INPUTS = {
@@ -96,6 +102,7 @@ INPUTS = {
     "shifts": "(P, 3) float64 Angstrom image shifts; pair vector R_j - R_i + shift",
     "triples": "(2, Q) int64 pair indices p < q of one centre, both shorter than angular_cutoff",
 }
+"""The inputs of a program over triples; a program by moments takes all but ``triples``."""
 OUTPUTS = {
     "energies": "(M,) float64 eV per member",
     "forces": "(M, N, 3) eV/Angstrom per member, model dtype",
@@ -108,7 +115,7 @@ DYNAMIC_SHAPES = {
     "numbers": {0: _DIMS["n_atoms"]}, "positions": {0: _DIMS["n_atoms"]}, "pairs": {1: _DIMS["n_pairs"]},
     "shifts": {0: _DIMS["n_pairs"]}, "triples": {1: _DIMS["n_triples"]},
 }
-"""The dynamic sizes N, P and Q of the exported program's inputs."""
+"""The dynamic sizes N, P and Q of the exported program's inputs (``inputs``)."""
 
 
 class ExportablePotential(torch.nn.Module):
@@ -127,34 +134,35 @@ class ExportablePotential(torch.nn.Module):
         self.register_buffer("element_table", table)
         self.register_buffer("reference_energies", model.reference_energies.clone())
         self.register_buffer("pair_weights", sf.neighbor_weights[elements].to(dtype))
-        self.register_buffer("triple_weights", sf.pair_weights[elements][:, elements].flatten(0, 1).to(dtype))
+        self.register_buffer("angular_weights", sf.pair_weights[elements][:, elements].flatten(0, 1).to(dtype))
         terms = sf.terms(dtype)
         for name in _TERM_TENSORS:
             self.register_buffer(name, getattr(terms, name).clone())
-        self.options = (terms.cutoff, terms.angular_cutoff, terms.cutoff_function, terms.g4)
+        self.options = (terms.cutoff, terms.angular_cutoff, terms.cutoff_function, terms.g4, terms.moments)
         self.standardizer = model.standardizer
         self.networks = copy.deepcopy(model.networks).requires_grad_(False)
         self.members = model.members
 
     def forward(
-        self, numbers: Tensor, positions: Tensor, pairs: Tensor, shifts: Tensor, triples: Tensor
+        self, numbers: Tensor, positions: Tensor, pairs: Tensor, shifts: Tensor, triples: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Energies (M,) float64 eV, forces (M, N, 3) eV/Å, virials (M, 3, 3) float64 eV."""
+        """Energies (M,) float64 eV, forces (M, N, 3) eV/Å, virials (M, 3, 3) float64 eV; ``triples``
+        only for a model over triples (by moments the angular pairs are selected here)."""
         n = positions.shape[0]
         element, invalid = self._element_index(numbers)
         vectors = positions[pairs[1]] - positions[pairs[0]] + shifts
         terms = TermParameters(*(getattr(self, name) for name in _TERM_TENSORS), *self.options)
         data = terms.pair_data(vectors.to(self.pair_weights.dtype))
+        items = torch.nonzero(data[:, 3] < terms.angular_cutoff).flatten()[None] if triples is None else triples
         rad, rad_slopes = terms.radial(data, True)
-        ang, ang_slopes = terms.angular(data[triples[0]], data[triples[1]], True)
-        pair_slot, triple_slot = element_slots(element[pairs[1]], pairs[0], triples[0], triples[1],
-                                               self.pair_weights.shape[0], n)
-        G = slot_descriptors(rad, ang, pair_slot, triple_slot, self.pair_weights, self.triple_weights, n)
+        ang, ang_slopes = terms.angular_items(data, items, True)
+        pair_slot, angular_slot = element_slots(element[pairs[1]], pairs[0], items, self.pair_weights.shape[0], n)
+        G, jacobian = descriptors(rad, ang, pair_slot, angular_slot, self.pair_weights, self.angular_weights,
+                                  terms.moment_coefficients, n, terms.moments)
         atomic, dE_dG = self._networks(G, element)
         assert rad_slopes is not None and ang_slopes is not None
-        gradient = pair_gradients(dE_dG, self.pair_weights, self.triple_weights, pair_slot, triple_slot, rad_slopes,
-                                  ang_slopes, data[:, 0:3], triples[0], triples[1], data[triples[0], 0:3],
-                                  data[triples[1], 0:3])
+        gradient = pair_gradients(dE_dG, self.pair_weights, jacobian, pair_slot, angular_slot, rad_slopes,
+                                  ang_slopes, data[:, 0:3], items, terms.moments)
         energies = atomic.to(torch.float64).sum(0) + self.reference_energies[element].sum()
         forces = pair_forces(gradient, pairs[0], pairs[1], n).transpose(0, 1)
         virials = pair_virials(gradient, vectors)
@@ -191,21 +199,28 @@ class ExportablePotential(torch.nn.Module):
         return atomic, dE_dG
 
 
-def example_inputs(model: HDNNPEnsemble) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def inputs(model: HDNNPEnsemble) -> dict[str, str]:
+    """The names and descriptions of the inputs of ``model``'s program: ``INPUTS``, without
+    ``triples`` for a model by moments."""
+    return {name: text for name, text in INPUTS.items() if name != "triples" or not model.descriptor.moments}
+
+
+def example_inputs(model: HDNNPEnsemble) -> tuple[Tensor, ...]:
     """Tracing inputs: a 5-atom cluster of the model's first element with every pair and triple
-    (N = 5, P = 20, Q = 30: distinct sizes above 1, so that ``torch.export`` specialises none)."""
+    (N = 5, P = 20, Q = 30: distinct sizes above 1, so that ``torch.export`` specialises none);
+    the triples only if the program takes them."""
     positions = torch.tensor([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [0.0, 1.3, 0.0], [0.0, 0.0, 1.4],
                               [1.1, 1.0, 0.9]], dtype=torch.float64)
     i, j = torch.arange(5).repeat_interleave(5), torch.arange(5).repeat(5)
     pairs = torch.stack([i[i != j], j[i != j]])
     shifts = torch.zeros(pairs.shape[1], 3, dtype=torch.float64)
-    return model.elements[:1].repeat(5), positions, pairs, shifts, find_triples(pairs, 5)
+    return (model.elements[:1].repeat(5), positions, pairs, shifts, find_triples(pairs, 5))[: len(inputs(model))]
 
 
 def export_program(model: HDNNPEnsemble) -> torch.export.ExportedProgram:
     """``model`` as an exported program with dynamic N, P and Q (``torch.export.export``)."""
     return torch.export.export(ExportablePotential(model).eval(), example_inputs(model),
-                               dynamic_shapes=DYNAMIC_SHAPES, strict=True)
+                               dynamic_shapes={name: DYNAMIC_SHAPES[name] for name in inputs(model)}, strict=True)
 
 
 def metadata(model: HDNNPEnsemble) -> dict[str, Any]:
@@ -223,7 +238,7 @@ def metadata(model: HDNNPEnsemble) -> dict[str, Any]:
         "members": model.members,
         "activation": model.hyperparameters["activation"],
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "inputs": INPUTS,
+        "inputs": inputs(model),
         "outputs": OUTPUTS,
     }
 
@@ -275,23 +290,30 @@ class ExportedPotential:
             cells = torch.as_tensor(cell, dtype=torch.float64).reshape(1, 3, 3)
             pbcs = torch.as_tensor(True if pbc is None else pbc, dtype=torch.bool).expand(3).reshape(1, 3)
         nb = find_neighbors(positions, torch.tensor([0, len(numbers)]), self.metadata["cutoff"], cells, pbcs)
-        triples = angular_triples(nb.pairs, nb.vectors(positions).norm(dim=1), self.metadata["angular_cutoff"],
-                                  len(numbers))
+        triples = None
+        if "triples" in self.metadata["inputs"]:
+            triples = find_angular_items(nb.pairs, nb.vectors(positions).norm(dim=1), self.metadata["angular_cutoff"],
+                                         len(numbers), False)
         energies, forces, virials = self.evaluate(numbers, positions, nb.pairs, nb.shifts, triples)
         return Prediction(energies, forces, virials if periodic else None)
 
     def evaluate(
-        self, numbers: Tensor, positions: Tensor, pairs: Tensor, shifts: Tensor, triples: Tensor
+        self, numbers: Tensor, positions: Tensor, pairs: Tensor, shifts: Tensor, triples: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The program on given pairs and triples (module docstring) after checking them: ValueError
-        naming unknown elements, or describing malformed pairs, shifts or triples."""
+        """The program on given pairs (and triples, if it takes them; module docstring) after checking
+        them: ValueError naming unknown elements, or describing malformed or missing inputs."""
         self._check_elements(numbers)
         _check_indices("pairs", pairs, len(numbers), "atom")
         if tuple(shifts.shape) != (pairs.shape[1], 3):
             raise ValueError(f"shifts must be (P, 3) with P = {pairs.shape[1]}, not {tuple(shifts.shape)}")
-        _check_indices("triples", triples, pairs.shape[1], "pair")
-        return self._module(numbers.to(torch.int64), positions.to(torch.float64), pairs, shifts.to(torch.float64),
-                            triples)
+        tensors = [numbers.to(torch.int64), positions.to(torch.float64), pairs, shifts.to(torch.float64)]
+        if ("triples" in self.metadata["inputs"]) != (triples is not None):
+            raise ValueError("this program takes triples (angular functions over triples)" if triples is None else
+                             "this program takes no triples (angular functions by moments of the pairs)")
+        if triples is not None:
+            _check_indices("triples", triples, pairs.shape[1], "pair")
+            tensors.append(triples)
+        return self._module(*tensors)
 
     def _check_elements(self, numbers: Tensor) -> None:
         """ValueError naming the atomic numbers the model does not know."""

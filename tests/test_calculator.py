@@ -46,6 +46,13 @@ def model(tiny):
     return build_model(tiny)
 
 
+@pytest.fixture(params=["moments", "triples"])
+def angular_items(request, monkeypatch):
+    """G5 functions by moments or over triples, whichever ``_moments_pay_off`` would pick."""
+    monkeypatch.setattr(LMLPCalculator, "_moments_pay_off", lambda self, *args: request.param == "moments")
+    return request.param
+
+
 def reference(model: HDNNPEnsemble, atoms: Atoms) -> tuple[np.ndarray, np.ndarray]:
     """Member energies (M,) and forces (M, N, 3) from the model's autograd path."""
     periodic = bool(atoms.pbc.any())
@@ -79,16 +86,19 @@ def assert_matches_model(calc: LMLPCalculator, model: HDNNPEnsemble, atoms: Atom
     (DescriptorConfig(angular_cutoff=3.0, cutoff_function="poly2"), (8,)),
     (DescriptorConfig(angular_form="g4", angular_cutoff=4.0, cutoff_function="poly1"), (8,)),
 ])
-def test_members_equal_the_model_forward(tiny, descriptor, hidden):
+def test_members_equal_the_model_forward(tiny, descriptor, hidden, angular_items):
     model = build_model(tiny, descriptor, hidden)
     calc = LMLPCalculator(model)
     for i in INDICES:
         assert_matches_model(calc, model, tiny.atoms(i))
+    assert calc._neighbours.terms.moments == (angular_items == "moments" and descriptor.angular_form == "g5")
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("compile", marks=pytest.mark.slow)])
-def test_kernel_backends_equal_the_model_forward(tiny, backend):
-    model = build_model(tiny, DescriptorConfig(angular_form="g4", angular_cutoff=4.0, cutoff_function="poly2"))
+@pytest.mark.parametrize("form", ["g4", "g5"])
+def test_kernel_backends_equal_the_model_forward(tiny, backend, form, monkeypatch):
+    monkeypatch.setattr(LMLPCalculator, "_moments_pay_off", lambda self, *args: True)  # G5 by moments
+    model = build_model(tiny, DescriptorConfig(angular_form=form, angular_cutoff=4.0, cutoff_function="poly2"))
     calc = LMLPCalculator(model, backend=backend)
     for i in INDICES:
         assert_matches_model(calc, model, tiny.atoms(i))
@@ -99,7 +109,7 @@ def test_unknown_backend_is_named(model):
         LMLPCalculator(model, backend="jit")
 
 
-def test_blocked_and_per_element_paths_equal_the_model_forward(tiny, model, monkeypatch):
+def test_blocked_and_per_element_paths_equal_the_model_forward(tiny, model, monkeypatch, angular_items):
     monkeypatch.setattr(calculator, "BLOCK_FLOATS", 400)
     monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
     calc = LMLPCalculator(model)
@@ -109,7 +119,7 @@ def test_blocked_and_per_element_paths_equal_the_model_forward(tiny, model, monk
 
 
 @pytest.mark.parametrize("pbc", [(True, True, True), (True, False, True)])
-def test_periodic_cells_equal_the_model_forward(tiny, pbc):
+def test_periodic_cells_equal_the_model_forward(tiny, pbc, angular_items):
     model = build_model(tiny, DescriptorConfig(cutoff=5.0))
     atoms = tiny.atoms(3)
     atoms.calc = None
@@ -119,7 +129,7 @@ def test_periodic_cells_equal_the_model_forward(tiny, pbc):
 
 
 @pytest.mark.parametrize("blocked", [False, True])
-def test_stress_equals_the_strain_derivative_of_the_energy(tiny, monkeypatch, blocked):
+def test_stress_equals_the_strain_derivative_of_the_energy(tiny, monkeypatch, blocked, angular_items):
     if blocked:
         monkeypatch.setattr(calculator, "BLOCK_FLOATS", 400)
         monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
@@ -155,7 +165,7 @@ def test_molecules_have_no_stress(tiny, model):
         atoms.get_stress()
 
 
-def test_verlet_list_follows_atoms_across_the_cutoff(tiny):
+def test_verlet_list_follows_atoms_across_the_cutoff(tiny, angular_items):
     model = build_model(tiny, DescriptorConfig(cutoff=4.0))
     calc = LMLPCalculator(model, skin=0.5)
     atoms = tiny.atoms(0)
@@ -200,7 +210,7 @@ def test_member_rmses_equal_evaluate_model(tiny, model):
     assert np.sqrt((de.mean(0) ** 2).mean()) == pytest.approx(expected.ensemble["rmse_e"], rel=1e-9)
 
 
-def test_float32_calculation_leaves_the_model_alone(tiny, model):
+def test_float32_calculation_leaves_the_model_alone(tiny, model, angular_items):
     atoms = tiny.atoms(130)
     atoms.calc = LMLPCalculator(model, dtype=torch.float32)
     energies, forces = reference(model, atoms)
@@ -270,6 +280,18 @@ def test_bfgs_lowers_the_energy(tiny, model):
     optimizer.run(fmax=0.01, steps=8)
     assert atoms.get_potential_energy() < before - 0.01
     assert optimizer.nsteps == 8
+
+
+def test_angular_items_are_triples_for_a_molecule_and_moments_in_a_dense_cell(tiny, model):
+    calc = LMLPCalculator(model)
+    atoms = tiny.atoms(0)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    assert not calc._neighbours.terms.moments and calc._neighbours.items.shape[0] == 2
+    atoms.set_cell(np.diag([5.0, 5.0, 5.0]))  # periodic images: ~70 neighbours per atom within 7 Å
+    atoms.pbc = True
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours.terms.moments and calc._neighbours.items.shape[0] == 1
 
 
 def test_one_calculator_serves_several_compositions(tiny, model):

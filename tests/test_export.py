@@ -62,20 +62,34 @@ def exported64(model64, tmp_path_factory):
     return exported(model64, tmp_path_factory.mktemp("export"))
 
 
+@pytest.fixture(scope="module")
+def model_g4(tiny):
+    return build(tiny, angular_form="g4")
+
+
+@pytest.fixture(scope="module")
+def exported_g4(model_g4, tmp_path_factory):
+    """A program over triples (the G4 form)."""
+    return exported(model_g4, tmp_path_factory.mktemp("export_g4"))
+
+
 def in_cell(positions: torch.Tensor, size: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions centred in a cubic cell of edge ``size`` Å, and the cell (3, 3)."""
     return positions - positions.mean(0) + size / 2, torch.eye(3, dtype=torch.float64) * size
 
 
-def ase_inputs(numbers, positions, cell, cutoff: float, angular_cutoff: float) -> tuple[torch.Tensor, ...]:
-    """The program's inputs from ASE's neighbour list, as the module docstring builds them without lmlp."""
+def ase_inputs(numbers, positions, cell, cutoff: float, angular_cutoff: float, meta) -> list[torch.Tensor]:
+    """The program's inputs from ASE's neighbour list, as the module docstring builds them without
+    lmlp (triples if ``meta["inputs"]`` lists them)."""
     atoms = Atoms(numbers=numbers.numpy(), positions=positions.numpy(), cell=cell.numpy(), pbc=True)
     i, j, d, S = neighbor_list("ijdS", atoms, cutoff)
-    short = np.flatnonzero(d < angular_cutoff)
-    triples = [(p, q) for c in np.unique(i[short]) for p, q in itertools.combinations(short[i[short] == c], 2)]
-    return (torch.from_numpy(atoms.numbers), torch.from_numpy(atoms.positions), torch.from_numpy(np.stack([i, j])),
-            torch.from_numpy(S @ atoms.cell.array),
-            torch.tensor(triples, dtype=torch.int64).reshape(-1, 2).T.contiguous())
+    inputs = [torch.from_numpy(atoms.numbers), torch.from_numpy(atoms.positions), torch.from_numpy(np.stack([i, j])),
+              torch.from_numpy(S @ atoms.cell.array)]
+    if "triples" in meta["inputs"]:
+        short = np.flatnonzero(d < angular_cutoff)
+        triples = [(p, q) for c in np.unique(i[short]) for p, q in itertools.combinations(short[i[short] == c], 2)]
+        inputs.append(torch.tensor(triples, dtype=torch.int64).reshape(-1, 2).T.contiguous())
+    return inputs
 
 
 def test_float64_export_equals_python_model(tiny, model64, exported64):
@@ -137,21 +151,26 @@ def test_small_periodic_cell_equals_python_model(tiny, model64, exported64):
     torch.testing.assert_close(f, forces, rtol=1e-10, atol=1e-10)
 
 
-def test_program_runs_without_lmlp_on_a_host_list_with_a_skin(tiny, model64, exported64, tmp_path):
-    """torch.export.load and ASE's lists (cutoffs + 1 Å skin: the extra pairs and triples contribute 0)."""
+@pytest.mark.parametrize("form", ["g5", "g4"])
+def test_program_runs_without_lmlp_on_a_host_list_with_a_skin(tiny, form, request, tmp_path):
+    """torch.export.load and ASE's lists (cutoffs + 1 Å skin: the extra pairs and triples contribute 0),
+    by moments (G5, no triples) and over triples (G4)."""
+    model = request.getfixturevalue("model64" if form == "g5" else "model_g4")
+    potential = request.getfixturevalue("exported64" if form == "g5" else "exported_g4")
     numbers, positions, offsets = tensors(tiny.subset(np.array([3])))
     inside, cell = in_cell(positions, 7.0)
-    energies, forces = model64(numbers, inside, offsets, cell[None], torch.ones(1, 3, dtype=torch.bool))
-    export_model(model64, tmp_path / "model.pt2")
+    energies, forces = model(numbers, inside, offsets, cell[None], torch.ones(1, 3, dtype=torch.bool))
+    export_model(model, tmp_path / "model.pt2")
     extra = {METADATA_FILE: ""}
     program = torch.export.load(tmp_path / "model.pt2", extra_files=extra)
     meta = json.loads(extra[METADATA_FILE])
-    inputs = ase_inputs(numbers, inside, cell, meta["cutoff"] + 1.0, meta["angular_cutoff"] + 1.0)
+    inputs = ase_inputs(numbers, inside, cell, meta["cutoff"] + 1.0, meta["angular_cutoff"] + 1.0, meta)
+    assert len(inputs) == (4 if form == "g5" else 5)
     assert (inputs[3] != 0).any(dim=1).sum() > 0  # images take part
     e, f, w = program.module()(*inputs)
     torch.testing.assert_close(e, energies[:, 0], rtol=1e-10, atol=0)
     torch.testing.assert_close(f, forces, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(w, exported64(numbers, inside, cell).virials, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(w, potential(numbers, inside, cell).virials, rtol=1e-10, atol=1e-10)
 
 
 def test_molecule_in_a_big_periodic_cell_equals_the_molecule(tiny, exported64):
@@ -174,19 +193,24 @@ def test_no_autograd_graph_and_inference_mode_works(tiny, exported64):
     torch.testing.assert_close(f, expected.forces, rtol=0, atol=0)
 
 
-def test_bad_pairs_and_triples_are_rejected(tiny, exported64):
+def test_bad_pairs_and_triples_are_rejected(tiny, exported64, exported_g4):
     numbers, positions, _ = tensors(tiny.subset(np.array([0])))
     pairs, triples = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0], [1]])
     shifts = torch.zeros(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"pairs must be \(2, K\) int64 atom indices below 6"):
-        exported64.evaluate(numbers, positions, torch.tensor([[0, 1], [1, 6]]), shifts, triples)
+        exported64.evaluate(numbers, positions, torch.tensor([[0, 1], [1, 6]]), shifts)
     with pytest.raises(ValueError, match="pairs must be"):
-        exported64.evaluate(numbers, positions, pairs.T.reshape(1, 4), shifts, triples)
+        exported64.evaluate(numbers, positions, pairs.T.reshape(1, 4), shifts)
     with pytest.raises(ValueError, match=r"shifts must be \(P, 3\) with P = 2"):
-        exported64.evaluate(numbers, positions, pairs, torch.zeros(3, 3), triples)
+        exported64.evaluate(numbers, positions, pairs, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="takes no triples"):
+        exported64.evaluate(numbers, positions, pairs, shifts, triples)
+    assert exported64.evaluate(numbers, positions, pairs, shifts)[0].shape == (3,)
+    with pytest.raises(ValueError, match="takes triples"):
+        exported_g4.evaluate(numbers, positions, pairs, shifts)
     with pytest.raises(ValueError, match="triples must be .* pair indices below 2"):
-        exported64.evaluate(numbers, positions, pairs, shifts, torch.tensor([[0], [2]]))
-    assert exported64.evaluate(numbers, positions, pairs, shifts, triples)[0].shape == (3,)
+        exported_g4.evaluate(numbers, positions, pairs, shifts, torch.tensor([[0], [2]]))
+    assert exported_g4.evaluate(numbers, positions, pairs, shifts, triples)[0].shape == (3,)
 
 
 @pytest.mark.parametrize("z", [3, 200])
@@ -197,22 +221,22 @@ def test_unknown_element_is_named(tiny, exported64, z):
     with pytest.raises(ValueError, match=rf"Z = \[{z}\]"):
         exported64(numbers, positions)
     no_pairs = torch.zeros(2, 0, dtype=torch.int64)
-    outputs = exported64.program.module()(numbers, positions, no_pairs, torch.zeros(0, 3, dtype=torch.float64),
-                                          no_pairs)
+    outputs = exported64.program.module()(numbers, positions, no_pairs, torch.zeros(0, 3, dtype=torch.float64))
     assert all(t.isnan().all() for t in outputs)  # the program itself cannot raise
 
 
-def test_metadata_is_stored_in_the_file(model64, tmp_path):
+def test_metadata_is_stored_in_the_file(model64, exported_g4, tmp_path):
     export_model(model64, tmp_path / "model.pt2")
     extra = {METADATA_FILE: ""}
     torch.export.load(tmp_path / "model.pt2", extra_files=extra)
     meta = json.loads(extra[METADATA_FILE])
-    assert meta["format"] == FORMAT == "lmlp.export" and meta["format_version"] == 2
+    assert meta["format"] == FORMAT == "lmlp.export" and meta["format_version"] == 3
     assert meta["units"] == {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
     assert meta["elements"] == model64.elements.tolist()
     assert meta["cutoff"] == 12.0 and meta["angular_cutoff"] == 6.0 and meta["cutoff_function"] == "cos"
     assert meta["members"] == 3 and meta["dtype"] == "float64" and meta["activation"] == "scaled_tanh"
-    assert list(meta["inputs"]) == ["numbers", "positions", "pairs", "shifts", "triples"]
+    assert list(meta["inputs"]) == ["numbers", "positions", "pairs", "shifts"]  # G5 by moments: no triples
+    assert list(exported_g4.metadata["inputs"]) == ["numbers", "positions", "pairs", "shifts", "triples"]
     assert list(meta["outputs"]) == ["energies", "forces", "virials"]
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]  # no temporary file left
 
@@ -264,6 +288,8 @@ def test_aoti_package_equals_the_program(tiny, model64, tmp_path):
     potential = load_exported(tmp_path / "model.pt2")
     numbers, positions, _ = tensors(tiny.subset(np.array([3])))
     inside, cell = in_cell(positions, 7.0)
-    for inputs in (ase_inputs(numbers, inside, cell, 12.0, 12.0), ase_inputs(numbers[:1], inside[:1], cell, 5.0, 5.0)):
+    meta = potential.metadata
+    for inputs in (ase_inputs(numbers, inside, cell, 12.0, 12.0, meta),
+                   ase_inputs(numbers[:1], inside[:1], cell, 5.0, 5.0, meta)):
         for got, expected in zip(compiled(*inputs), potential.evaluate(*inputs)):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

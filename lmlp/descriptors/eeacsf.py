@@ -2,7 +2,8 @@
 
 Both kinds share one computation: every pair (i, j) contributes radial terms times a neighbour
 weight vector w(Z_j) (T entries), every triple (i, j, k), j < k, contributes angular terms times a
-pair weight vector W(Z_j, Z_k) (U entries). Only the weight tables differ:
+pair weight vector W(Z_j, Z_k) (U entries); G5 functions with integer ζ sum the triples by moments
+of the pairs (``lmlp.descriptors.moments``), in O(neighbours) per atom. Only the weight tables differ:
 
 - eeACSF: w_t(Z) = h_t(Z) / max_t for the configured weight types t, and W either the "sum"
   (w_t(Z_j) + w_t(Z_k)) / 2 or the "difference" (|h_t(Z_j) − h_t(Z_k)| + 1) / max_t. The length
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lmlp.descriptors.moments import moment_descriptors, moment_jacobian, moment_pair_jacobian, moment_tables
 from lmlp.descriptors.neighbors import Neighbors, find_neighbors, find_triples
-from lmlp.descriptors.terms import CUTOFF_FUNCTIONS, TermParameters, angular_gradients, angular_norms
+from lmlp.descriptors.terms import CUTOFF_FUNCTIONS, TermParameters, angular_gradients, angular_norms, slot_sums
 from lmlp.elements import MAX_Z, WEIGHT_TYPE_MAX, weight_table
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 TRIPLES_PER_BLOCK = 16384
 """Triples whose derivatives are computed at once (bounds temporaries to a few tens of MB)."""
+MOMENT_BLOCK_FLOATS = 1 << 22
+"""Largest temporary (floats) of the moment derivatives of a block of pairs (∂G/∂M gathered per pair)."""
 
 
 @dataclass
@@ -124,7 +128,8 @@ class SymmetryFunctions(torch.nn.Module):
         radial_types, angular_types: eeACSF weight types t (0..6).
         angular_pair_weights: "sum" and/or "difference" (the difference is skipped for t = 0,
             where it equals the sum).
-        angular_form: "g5" (no r_jk factor) or "g4".
+        angular_form: "g5" (no r_jk factor) or "g4". G5 functions with integer ζ only are evaluated
+            by moments (attribute ``moments``; set it False for the triple sums, the reference).
         kind: "eeacsf" or "acsf" (plain, per element; needs ``elements``).
         elements: atomic numbers, for ``kind="acsf"``.
         angular_cutoff: R_c of the angular functions, Å, at most ``cutoff``; None: ``cutoff``.
@@ -167,6 +172,8 @@ class SymmetryFunctions(torch.nn.Module):
         self.angular_cutoff = angular_cutoff
         self.cutoff_function = cutoff_function
         self.g4 = angular_form == "g4"
+        self.moments = not self.g4 and all(float(z).is_integer() for z in angular_zeta)
+        """Whether the angular functions are sums over pairs by moments (G5, integer ζ) or over triples."""
         self.kind = kind
         combos = list(itertools.product(angular_lambda, angular_zeta))
         f64 = torch.float64
@@ -218,9 +225,12 @@ class SymmetryFunctions(torch.nn.Module):
     def terms(self, dtype: torch.dtype) -> TermParameters:
         """The term parameters in ``dtype``, with the term functions bound to them."""
         lam, zeta = self.angular_lambda.to(dtype), self.angular_zeta.to(dtype)
+        tables = (moment_tables(lam, zeta, int(self.angular_zeta.max())) if self.moments else
+                  (torch.zeros(0, 3, dtype=torch.int64), lam.new_zeros(0, 3), lam.new_zeros(0, len(lam))))
         return TermParameters(
             self.radial_eta.to(dtype), self.radial_rs.to(dtype), self.angular_eta.to(dtype), lam, zeta,
-            *angular_norms(lam, zeta), self.cutoff, self.angular_cutoff, self.cutoff_function, self.g4)
+            *angular_norms(lam, zeta), *tables, self.cutoff, self.angular_cutoff, self.cutoff_function, self.g4,
+            self.moments)
 
     def forward(
         self,
@@ -231,12 +241,18 @@ class SymmetryFunctions(torch.nn.Module):
         pbc: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Descriptors G (N, F); differentiable in ``positions`` (N, 3) Å (the autograd path)."""
-        nb, terms, pairs, triples = self._geometry(positions, offsets, cells, pbc)
-        wn, wp = self._weights(numbers, nb.pairs, triples, positions.dtype)
-        rad, _ = terms.radial(pairs, False)
-        ang, _ = terms.angular(pairs[triples[0]], pairs[triples[1]], False)
+        nb, terms, pairs, angular = self._geometry(positions, offsets, cells, pbc)
         n = len(numbers)
-        return torch.cat([weighted_sum(rad, wn, nb.pairs[0], n), weighted_sum(ang, wp, nb.pairs[0, triples[0]], n)], 1)
+        rad, _ = terms.radial(pairs, False)
+        values, _ = terms.angular_items(pairs, angular, False)
+        G_radial = weighted_sum(rad, self._neighbor_weights(numbers, nb.pairs, positions.dtype), nb.pairs[0], n)
+        if terms.moments:
+            moments, jacobian, _ = self._moments(numbers, nb.pairs, angular, values, terms)
+            G_angular = moment_descriptors(moments, jacobian)
+        else:
+            weights = self._triple_weights(numbers, nb.pairs, angular, positions.dtype)
+            G_angular = weighted_sum(values, weights, nb.pairs[0, angular[0]], n)
+        return torch.cat([G_radial, G_angular], 1)
 
     def with_derivatives(
         self,
@@ -249,24 +265,16 @@ class SymmetryFunctions(torch.nn.Module):
         """Descriptors G (N, F) and their sparse derivatives dG/dR (the terms' analytic slopes)."""
         positions = positions.detach()
         n = len(numbers)
-        nb, terms, pairs, triples = self._geometry(positions, offsets, cells, pbc)
-        wn, wp = self._weights(numbers, nb.pairs, triples, positions.dtype)
-        units = pairs[:, 0:3]
+        nb, terms, pairs, angular = self._geometry(positions, offsets, cells, pbc)
+        wn = self._neighbor_weights(numbers, nb.pairs, positions.dtype)
         rad, slope = terms.radial(pairs, True)
         G = positions.new_zeros(n, self.n_functions)
         G[:, : self.n_radial] = weighted_sum(rad, wn, nb.pairs[0], n)
         pair_values = positions.new_zeros(nb.pairs.shape[1], self.n_functions, 3)
-        d_rad = slope[:, :, None] * units[:, None, :]  # (P, K, 3)
+        d_rad = slope[:, :, None] * pairs[:, None, 0:3]  # (P, K, 3)
         pair_values[:, : self.n_radial] = (wn[:, :, None, None] * d_rad[:, None]).flatten(1, 2)
-
-        angular_G, angular_values = G[:, self.n_radial :], pair_values[:, self.n_radial :]
-        for block in torch.split(torch.arange(triples.shape[1], device=positions.device), TRIPLES_PER_BLOCK):
-            t, w = triples[:, block], wp[block]
-            ang, c = terms.angular(pairs[t[0]], pairs[t[1]], True)  # (Q, EL), (Q, EL, 4)
-            d_ang_j, d_ang_k = angular_gradients(c, units[t[0]], units[t[1]])  # (Q, EL, 3) each
-            angular_G += weighted_sum(ang, w, nb.pairs[0, t[0]], n)
-            angular_values.index_add_(0, t[0], (w[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2))
-            angular_values.index_add_(0, t[1], (w[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2))
+        add_angular = self._add_moment_derivatives if terms.moments else self._add_triple_derivatives
+        add_angular(numbers, nb.pairs, terms, pairs, angular, G[:, self.n_radial :], pair_values[:, self.n_radial :])
         # Translation invariance: dG_i/dR_i = −Σ_j dG_i/dR_j over the pair slots of centre i.
         self_values = positions.new_zeros(n, self.n_functions, 3).index_add_(0, nb.pairs[0], -pair_values)
         values = torch.cat([self_values, pair_values])
@@ -278,25 +286,71 @@ class SymmetryFunctions(torch.nn.Module):
         )
         return G, derivatives
 
+    def _add_moment_derivatives(
+        self, numbers: torch.Tensor, neighbours: torch.Tensor, terms: TermParameters, pairs: torch.Tensor,
+        angular: torch.Tensor, G: torch.Tensor, pair_values: torch.Tensor,
+    ) -> None:
+        """Add the angular functions by moments (N, U·E·L) to ``G`` and their derivatives with respect
+        to the pair vectors (P, U·E·L, 3) to ``pair_values``; ``angular`` (1, Q) the angular pairs."""
+        values, _ = terms.angular_items(pairs, angular, False)
+        moments, jacobian, slot = self._moments(numbers, neighbours, angular, values, terms)
+        G += moment_descriptors(moments, jacobian)
+        size = max(1, MOMENT_BLOCK_FLOATS // jacobian[0, :, :, :, 0].numel())
+        for block in torch.split(torch.arange(angular.shape[1], device=pairs.device), size):
+            _, slopes = terms.angular_items(pairs, angular[:, block], True)
+            pair_values.index_add_(0, angular[0, block], moment_pair_jacobian(jacobian, slot[block], slopes))
+
+    def _add_triple_derivatives(
+        self, numbers: torch.Tensor, neighbours: torch.Tensor, terms: TermParameters, pairs: torch.Tensor,
+        triples: torch.Tensor, G: torch.Tensor, pair_values: torch.Tensor,
+    ) -> None:
+        """Add the angular functions over the triples (2, Q) (N, U·E·L) to ``G`` and their derivatives
+        with respect to the pair vectors (P, U·E·L, 3) to ``pair_values``, block by block."""
+        wp = self._triple_weights(numbers, neighbours, triples, pairs.dtype)
+        units = pairs[:, 0:3]
+        for block in torch.split(torch.arange(triples.shape[1], device=pairs.device), TRIPLES_PER_BLOCK):
+            t, w = triples[:, block], wp[block]
+            ang, c = terms.angular_items(pairs, t, True)  # (Q, EL), (Q, EL, 4)
+            d_ang_j, d_ang_k = angular_gradients(c, units[t[0]], units[t[1]])  # (Q, EL, 3) each
+            G += weighted_sum(ang, w, neighbours[0, t[0]], len(numbers))
+            pair_values.index_add_(0, t[0], (w[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2))
+            pair_values.index_add_(0, t[1], (w[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2))
+
     def _geometry(
         self, positions: torch.Tensor, offsets: torch.Tensor, cells: torch.Tensor | None, pbc: torch.Tensor | None
     ) -> tuple[Neighbors, TermParameters, torch.Tensor, torch.Tensor]:
         """Neighbour pairs within the cutoff, the term parameters, the ``pair_data`` rows (P, 7 + 2E)
-        and the triples (2, Q) of pairs within the angular cutoff."""
+        and the angular items (``find_angular_items``)."""
         nb = find_neighbors(positions, offsets, self.cutoff, cells, pbc)
         terms = self.terms(positions.dtype)
         pairs = terms.pair_data(nb.vectors(positions))
-        triples = angular_triples(nb.pairs, pairs[:, 3].detach(), self.angular_cutoff, len(positions))
-        return nb, terms, pairs, triples
+        angular = find_angular_items(nb.pairs, pairs[:, 3].detach(), self.angular_cutoff, len(positions), self.moments)
+        return nb, terms, pairs, angular
 
-    def _weights(
+    def _neighbor_weights(self, numbers: torch.Tensor, pairs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Neighbour weights (P, T) of the pairs (2, P)."""
+        return self.neighbor_weights.to(dtype)[numbers[pairs[1]]]
+
+    def _triple_weights(
         self, numbers: torch.Tensor, pairs: torch.Tensor, triples: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Neighbour weights (P, T) and pair weights (Q, U)."""
+    ) -> torch.Tensor:
+        """Pair weights (Q, U) of the triples (2, Q) of the pairs (2, P)."""
         z_j = numbers[pairs[1]]
-        wn = self.neighbor_weights.to(dtype)[z_j]
-        wp = self.pair_weights.to(dtype)[z_j[triples[0]], z_j[triples[1]]]
-        return wn, wp
+        return self.pair_weights.to(dtype)[z_j[triples[0]], z_j[triples[1]]]
+
+    def _moments(
+        self, numbers: torch.Tensor, pairs: torch.Tensor, angular: torch.Tensor, values: torch.Tensor,
+        terms: TermParameters,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moments M (nz·N, E·K) of the angular pairs ``angular`` (1, Q) of the pairs (2, P) from
+        their moment terms ``values`` (Q, E·K), their ``moment_jacobian`` and the angular pairs' slots
+        (Q,), (element of j)·N + i over the nz elements present."""
+        n = len(numbers)
+        elements, element = torch.unique(numbers, return_inverse=True)
+        slot = element[pairs[1, angular[0]]] * n + pairs[0, angular[0]]
+        moments = slot_sums(values, slot, len(elements) * n)
+        weights = self.pair_weights.to(values.dtype)[elements][:, elements].flatten(0, 1)
+        return moments, moment_jacobian(moments, weights, terms.moment_coefficients, n), slot
 
 
 def weighted_sum(terms: torch.Tensor, weights: torch.Tensor, centres: torch.Tensor, n_atoms: int) -> torch.Tensor:
@@ -306,14 +360,17 @@ def weighted_sum(terms: torch.Tensor, weights: torch.Tensor, centres: torch.Tens
     return out.index_add(0, centres, (weights[:, :, None] * terms[:, None, :]).flatten(1))
 
 
-def angular_triples(pairs: torch.Tensor, distances: torch.Tensor, angular_cutoff: float, n_atoms: int) -> torch.Tensor:
-    """(2, Q) pair indices (p, q), p < q, of every two pairs of one centre both shorter than ``angular_cutoff``.
+def find_angular_items(
+    pairs: torch.Tensor, distances: torch.Tensor, angular_cutoff: float, n_atoms: int, moments: bool
+) -> torch.Tensor:
+    """The angular items: with ``moments`` (1, Q) the pairs shorter than ``angular_cutoff``, else (2, Q)
+    the triples, pair indices (p, q), p < q, of every two pairs of one centre both shorter.
 
     Args:
         pairs: (2, P) directed pairs. distances: (P,) their lengths, Å. n_atoms: N.
     """
     inside = torch.nonzero(distances < angular_cutoff).flatten()
-    return inside[find_triples(pairs[:, inside], n_atoms)]
+    return inside[None] if moments else inside[find_triples(pairs[:, inside], n_atoms)]
 
 
 def eeacsf_weights(

@@ -11,6 +11,10 @@ exp(−η (a² + b²)) f_a(a) f_a(b) is g(a) g(b), so it is computed per pair, n
 
 Slopes are with respect to the pair vectors: a radial term's gradient is slope · u, an angular
 term's gradients are c_0 u_j + c_1 u_k (first pair) and c_2 u_k + c_3 u_j (second pair).
+
+Angular functions are sums over angular items (``angular_items``): G5 functions with integer ζ over
+pairs, by moments (``lmlp.descriptors.moments``, O(neighbours) per atom), the others (G4, non-integer
+ζ) over triples.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from lmlp.descriptors.moments import pair_moments
 
 CUTOFF_FUNCTIONS = ("cos", "poly1", "poly2")
 """f_c(x), x = r / R_c, inside the cutoff: "cos" ½[cos(πx) + 1] (value and slope vanish at R_c),
@@ -136,6 +142,27 @@ def angular_gradients(c: Tensor, u_j: Tensor, u_k: Tensor) -> Tuple[Tensor, Tens
     return c[:, :, 0] * u_j + c[:, :, 1] * u_k, c[:, :, 2] * u_k + c[:, :, 3] * u_j
 
 
+def slot_sums(values: Tensor, slot: Tensor, n_slots: int) -> Tensor:
+    """Terms (B, C) of pairs or triples summed per slot: (n_slots, C); ``slot`` (B,) the slot of each."""
+    return values.new_zeros(n_slots, values.shape[1]).index_add(0, slot, values)
+
+
+def angular_items(
+    pairs: Tensor, items: Tensor, eta: Tensor, lam: Tensor, zeta: Tensor, norm: Tensor, slope_norm: Tensor,
+    index: Tensor, exponents: Tensor, cutoff: float, angular_cutoff: float, kind: str, g4: bool, moments: bool,
+    slopes: bool,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The terms of the angular items ``items`` of pairs with ``pair_data`` rows ``pairs``, and their
+    slopes if ``slopes``: with ``moments``, items (1, Q) are pairs and the terms their moment terms
+    (Q, E·K) with gradients (Q, E·K, 3) (``moments.pair_moments``; ``index``, ``exponents`` from
+    ``moments.moment_tables``); otherwise items (2, Q) are the two pairs of triples and the terms
+    ``angular`` (Q, E·L) with gradient coefficients (Q, E·L, 4)."""
+    if moments:
+        return pair_moments(pairs.index_select(0, items[0]), index, exponents, slopes)
+    return angular(pairs.index_select(0, items[0]), pairs.index_select(0, items[1]), eta, lam, zeta, norm,
+                   slope_norm, cutoff, angular_cutoff, kind, g4, slopes)
+
+
 @dataclass(frozen=True)
 class TermParameters:
     """The parameters of a descriptor's terms in one dtype, and the term functions bound to them.
@@ -144,7 +171,10 @@ class TermParameters:
         radial_eta, radial_rs: (K,) paired Å⁻², Å. angular_eta: (E,) Å⁻².
         angular_lambda, angular_zeta: (L,) the (λ, ζ) combinations; norm, slope_norm: (L,) from
             ``angular_norms``.
+        monomial_index (A, D + 3) int64, monomial_exponents (A, 3), moment_coefficients (L, K): the
+            ``moments.moment_tables`` (A = 0 without moments).
         cutoff, angular_cutoff: Å. cutoff_function: one of ``CUTOFF_FUNCTIONS``. g4: the G4 form.
+        moments: the angular functions by moments over pairs (G5, integer ζ), else over triples.
     """
 
     radial_eta: Tensor
@@ -154,10 +184,14 @@ class TermParameters:
     angular_zeta: Tensor
     norm: Tensor
     slope_norm: Tensor
+    monomial_index: Tensor
+    monomial_exponents: Tensor
+    moment_coefficients: Tensor
     cutoff: float
     angular_cutoff: float
     cutoff_function: str
     g4: bool
+    moments: bool
 
     def pair_data(self, v: Tensor) -> Tensor:
         """``pair_data`` (P, 7 + 2E) of pair vectors v (P, 3), Å."""
@@ -167,7 +201,8 @@ class TermParameters:
         """``radial`` terms (P, K) and slopes of pairs with ``pair_data`` rows ``pairs``."""
         return radial(pairs, self.radial_eta, self.radial_rs, slopes)
 
-    def angular(self, first: Tensor, second: Tensor, slopes: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        """``angular`` terms (Q, E·L) and gradient coefficients of triples with pair rows ``first``, ``second``."""
-        return angular(first, second, self.angular_eta, self.angular_lambda, self.angular_zeta, self.norm,
-                       self.slope_norm, self.cutoff, self.angular_cutoff, self.cutoff_function, self.g4, slopes)
+    def angular_items(self, pairs: Tensor, items: Tensor, slopes: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``angular_items`` terms and slopes of the angular items ``items`` of pairs with rows ``pairs``."""
+        return angular_items(pairs, items, self.angular_eta, self.angular_lambda, self.angular_zeta, self.norm,
+                             self.slope_norm, self.monomial_index, self.monomial_exponents, self.cutoff,
+                             self.angular_cutoff, self.cutoff_function, self.g4, self.moments, slopes)
