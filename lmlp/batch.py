@@ -89,12 +89,15 @@ class Batch:
 
 
 def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> Batch:
-    """Descriptors and derivatives of every structure of ``s``, computed once in chunks."""
+    """Descriptors and derivatives of every structure of ``s`` (periodic images included), computed
+    once in chunks."""
     G_parts, derivative_parts, starts = [], [], []
     for start in range(0, len(s), STRUCTURES_PER_CHUNK):
         part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
         numbers, offsets = torch.from_numpy(part.numbers), torch.from_numpy(part.offsets)
-        G, d = descriptor.with_derivatives(numbers, torch.from_numpy(part.positions).to(dtype), offsets)
+        cells = None if part.cell is None else torch.from_numpy(part.cell).to(dtype)
+        pbc = None if part.pbc is None else torch.from_numpy(part.pbc)
+        G, d = descriptor.with_derivatives(numbers, torch.from_numpy(part.positions).to(dtype), offsets, cells, pbc)
         G_parts.append(G)
         derivative_parts.append(d.by_centre(len(numbers)))
         starts.append(int(s.offsets[start]))
