@@ -115,8 +115,11 @@ class _Neighbours:
     weight vectors). The same slots carry dE/dG back to the pairs and items. Slots are element-major.
 
     Attributes:
-        key: numbers, cell and pbc it was built for. reference: (N, 3) positions at the build, Å.
-        i, j: (P,) centre and neighbour. shifts: (P, 3) float64 image shifts, Å.
+        key: numbers and pbc it was built for. reference: (N, 3) positions at the build, Å.
+        cell: (3, 3) cell vectors (rows) at the build, Å. lattice_shifts: (P, 3) float64 image shifts
+            in cell vectors (integers).
+        i, j: (P,) centre and neighbour. shifts: (P, 3) float64 image shifts in the current cell, Å.
+        current_cell: (3, 3) the cell of ``shifts``, Å.
         pair_slot: (P,) (element of j)·N + i. terms: the term parameters, by moments or over triples.
         items: (1, Q) angular pairs (moments) or (2, Q) the two pairs of each triple.
         angular_slot: (Q,) (element of j)·N + i, or (nz·(element of j) + element of k)·N + i.
@@ -126,9 +129,12 @@ class _Neighbours:
 
     key: tuple
     reference: np.ndarray
+    cell: np.ndarray
+    lattice_shifts: torch.Tensor
     i: torch.Tensor
     j: torch.Tensor
     shifts: torch.Tensor
+    current_cell: np.ndarray
     pair_slot: torch.Tensor
     terms: TermParameters
     items: torch.Tensor
@@ -404,17 +410,45 @@ class LMLPCalculator(Calculator):
                                    angular_blocks=self._angular_blocks(len(active), nb.terms))
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
-        """The Verlet list, rebuilt for new numbers, cell or pbc or after a move beyond skin/2."""
-        key = (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.pbc.tobytes())
+        """The Verlet list, rebuilt for new numbers or pbc, or when ``_still_valid`` fails."""
+        key = (atoms.numbers.tobytes(), atoms.pbc.tobytes())
         nb = self._neighbours
         if nb is not None and nb.key == key:
-            moved = np.max(np.sum((atoms.positions - nb.reference) ** 2, axis=1), initial=0.0)
-            if moved <= (self.skin / 2) ** 2:
-                return nb
+            valid = self._still_valid(nb, atoms)
+            if valid is not None:
+                self._neighbours = valid
+                return valid
         if nb is None or nb.key[0] != key[0]:
             self._set_composition(atoms.numbers)
         self._neighbours = self._build_neighbours(atoms, key)
         return self._neighbours
+
+    def _still_valid(self, nb: _Neighbours, atoms: Atoms) -> _Neighbours | None:
+        """``nb`` (with image shifts in the current cell) if it still holds every pair within the
+        cutoffs, else None.
+
+        In a fixed cell that is so while no atom has moved more than skin/2. A cell periodic in all
+        three directions may also deform (NPT): with M = C₀⁻¹C the deformation since the build,
+        a pair vector v₀ of the build becomes v₀M plus the difference of two atoms' displacements
+        d = R − R₀M, and |v₀M| ≥ σ_min(M)|v₀|; so no pair beyond the list comes inside the cutoff
+        R_c while 2 max|d| ≤ σ_min(M)(R_c + skin) − R_c (skin/2 again for M = 1).
+        """
+        cell = atoms.cell.array
+        if np.array_equal(cell, nb.cell):
+            mapped, allowed = nb.reference, self.skin
+        elif atoms.pbc.all() and atoms.cell.volume > 0:
+            deformation = np.linalg.solve(nb.cell, cell)
+            reach = self.model.descriptor.cutoff
+            mapped = nb.reference @ deformation
+            allowed = np.linalg.svd(deformation, compute_uv=False).min() * (reach + self.skin) - reach
+        else:
+            return None
+        moved = np.max(np.sum((atoms.positions - mapped) ** 2, axis=1), initial=0.0)
+        if allowed < 0 or 4 * moved > allowed**2:
+            return None
+        if np.array_equal(cell, nb.current_cell):
+            return nb
+        return dataclasses.replace(nb, shifts=nb.lattice_shifts @ torch.from_numpy(cell), current_cell=cell.copy())
 
     def _set_composition(self, numbers: np.ndarray) -> None:
         """Networks and the reference-energy baseline for new atomic numbers."""
@@ -447,7 +481,9 @@ class LMLPCalculator(Calculator):
         z = torch.from_numpy(elements.astype(np.int64))
         pair_slot, angular_slot = kernels.element_slots(element[j], i, items, nz, n)
         return _Neighbours(
-            key=key, reference=atoms.positions.copy(), i=i, j=j, shifts=nb.shifts.to(torch.float64),
+            key=key, reference=atoms.positions.copy(), cell=atoms.cell.array.copy(),
+            lattice_shifts=self._lattice_shifts(nb.shifts.to(torch.float64), atoms), i=i, j=j,
+            shifts=nb.shifts.to(torch.float64), current_cell=atoms.cell.array.copy(),
             pair_slot=pair_slot, terms=terms, items=items, angular_slot=angular_slot,
             pair_weights=descriptor.neighbor_weights[z].to(self.dtype),
             angular_weights=descriptor.pair_weights[z][:, z].reshape(nz**2, -1).to(self.dtype),
@@ -455,6 +491,14 @@ class LMLPCalculator(Calculator):
             pair_blocks=self._blocks(len(i), (self.members + 3) * self._n_radial),
             angular_blocks=self._angular_blocks(items.shape[1], terms),
         )
+
+    @staticmethod
+    def _lattice_shifts(shifts: torch.Tensor, atoms: Atoms) -> torch.Tensor:
+        """(P, 3) image shifts in cell vectors (integers, float64) of Cartesian ``shifts`` (P, 3) Å;
+        zeros unless the cell is periodic in all three directions (only such cells deform in place)."""
+        if not atoms.pbc.all() or atoms.cell.volume <= 0:
+            return torch.zeros_like(shifts)
+        return torch.round(shifts @ torch.from_numpy(np.linalg.inv(atoms.cell.array)))
 
     def _moments_pay_off(self, centres: torch.Tensor, n_atoms: int, n_elements: int) -> bool:
         """Whether the angular functions cost less by moments than over triples, for the centres (Q,)

@@ -107,7 +107,7 @@ class StackedMLP(torch.nn.Module):
         h, slopes = x, []
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             if k == 0:
-                z = (x @ w.permute(1, 0, 2).reshape(n_in, -1)).view(len(x), members, -1).transpose(0, 1)
+                z = (x @ w.permute(1, 0, 2).reshape(n_in, -1)).view(x.shape[0], members, -1).transpose(0, 1)
                 z = z + b[:, None, :]
             else:
                 z = torch.baddbmm(b[:, None, :], h, w)
@@ -120,7 +120,7 @@ class StackedMLP(torch.nn.Module):
             grad = torch.bmm(grad * slopes[k], w.transpose(1, 2))
         if last == 0 and input_scale is not None:
             grad = grad * input_scale
-        return z[..., 0], grad.expand(members, len(x), n_in)
+        return z[..., 0], grad.expand(members, x.shape[0], n_in)
 
 
 class HDNNPEnsemble(torch.nn.Module):

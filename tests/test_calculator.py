@@ -177,6 +177,36 @@ def test_verlet_list_follows_atoms_across_the_cutoff(tiny, angular_items):
         assert_matches_model(calc, model, atoms)
 
 
+def test_verlet_list_follows_a_deforming_cell(tiny, angular_items):
+    """NPT: the list is kept through cell changes that bring no pair from beyond it inside the cutoff
+    (its image shifts follow the cell), rebuilt otherwise, and matches the model's forward pass."""
+    model = build_model(tiny, DescriptorConfig(cutoff=4.0, angular_cutoff=3.0))
+    calc = LMLPCalculator(model, skin=1.0)
+    atoms = tiny.atoms(3)
+    atoms.calc = None
+    atoms.set_cell([[5.0, 0.2, 0.0], [-0.3, 4.6, 0.1], [0.0, 0.2, 4.8]])  # triclinic, images within the cutoff
+    atoms.pbc = True
+    assert_matches_model(calc, model, atoms)
+    built = calc._neighbours
+    rng = np.random.default_rng(0)
+    for _ in range(4):  # small strains and moves: same list, image shifts in the new cell
+        strain = np.eye(3) + rng.uniform(-0.01, 0.01, (3, 3))
+        atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+        atoms.positions += rng.normal(0.0, 0.01, atoms.positions.shape)
+        assert_matches_model(calc, model, atoms)
+        assert calc._neighbours.reference is built.reference
+    atoms.set_cell(atoms.cell.array * 1.2, scale_atoms=True)  # expanded: pairs only leave the cutoff
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours.reference is built.reference
+    atoms.set_cell(atoms.cell.array * 0.6, scale_atoms=True)  # 0.72 × the build: pairs beyond the list come in
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours.reference is not built.reference
+    atoms.positions[0] += 0.6  # an atom moves more than skin/2 in the new cell: rebuild
+    built = calc._neighbours
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours.reference is not built.reference
+
+
 def test_forces_are_minus_the_energy_gradient(tiny, model):
     atoms = tiny.atoms(57)
     atoms.calc = LMLPCalculator(model)
