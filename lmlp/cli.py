@@ -260,7 +260,7 @@ def train_command(
     """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
     from lmlp import distributed
     from lmlp.config import load_config
-    from lmlp.training import format_table, train
+    from lmlp.train import format_table, train
 
     if (config is None) == (resume is None):
         raise LmlpError("give a config file, or --resume RUN_DIR (whose config.yaml is used), not both")

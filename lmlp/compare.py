@@ -118,7 +118,7 @@ def compare(
     Under torchrun the runs are spread over the processes (round robin, each run in one process);
     process 0 writes the outputs once all runs are done (``lmlp.distributed``).
     """
-    from lmlp.training import train
+    from lmlp.train import train
 
     spec = cfg.compare
     chosen = _chosen_variants(spec.variants, variants)

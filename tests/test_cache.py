@@ -13,7 +13,7 @@ from lmlp.data import read_structures
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import LmlpError
 from lmlp.integrity import load_checked
-from lmlp.training import train
+from lmlp.train import train
 
 
 @pytest.fixture(scope="module")

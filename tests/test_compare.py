@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from factories import TINY, kill_at_random_moments
+from factories import TINY, crash_at, kill_at_random_moments
 
 from lmlp.compare import accuracy_scores, compare
 from lmlp.config import config_from_dict
@@ -62,32 +62,23 @@ def test_every_variant_starts_from_the_same_weights_per_seed(mini):
 
 def test_a_second_invocation_trains_nothing(mini, monkeypatch):
     out, result = mini
-    import lmlp.training
+    import lmlp.train
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(lmlp.training, "train", no_training)
+    monkeypatch.setattr(lmlp.train, "train", no_training)
     again = compare(mini_config(out))
     assert [r.variant for r in again.runs] == [r.variant for r in result.runs]
     np.testing.assert_array_equal(again.a, result.a)
 
 
 def test_interrupted_comparison_resumes_the_unfinished_run(tmp_path, monkeypatch):
-    import lmlp.training
-
     cfg = mini_config(tmp_path)
-    original = lmlp.training._curve_row
-
-    def crash(epoch, *args):
-        if epoch == 5:
-            raise KeyboardInterrupt
-        return original(epoch, *args)
-
-    monkeypatch.setattr(lmlp.training, "_curve_row", crash)
+    undo = crash_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         compare(cfg, variants=["Adam"])
-    monkeypatch.setattr(lmlp.training, "_curve_row", original)
+    undo()
     resumed = compare(cfg, variants=["Adam"])
     fresh = compare(mini_config(tmp_path / "fresh"), variants=["Adam"])
     assert resumed.runs[0].final_e == fresh.runs[0].final_e

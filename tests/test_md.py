@@ -19,7 +19,7 @@ from lmlp.md import UncertaintyMonitor, label_flagged, run_md
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
 from lmlp.modelfile import save_model
 from lmlp.reference.sn2 import BOND, COMPLEX
-from lmlp.training import train
+from lmlp.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::lmlp.calculator.TooCloseWarning")
 """The untrained potential of these tests lets atoms come closer than the training data's closest
