@@ -198,8 +198,9 @@ class SelectionConfig:
     error_threshold: float = _field(1.0, gt=0)
     """Threshold as a multiple of the current mean training loss."""
     outlier_epochs: int = _field(10, ge=1)
-    """Consecutive fits above ``outlier_factor`` × the training loss after which a structure is
-    reported as a likely outlier (bad reference data)."""
+    """Consecutive fits above ``outlier_factor`` × the training loss, without the structure's loss
+    falling over them, after which it is reported as a likely outlier (bad reference data); a
+    falling loss (a structure still being learnt, e.g. a new one) starts the count again."""
     outlier_factor: float = _field(25.0, gt=1)
     """Loss multiple (of the current mean training loss) that counts as an extreme error."""
 

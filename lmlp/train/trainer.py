@@ -85,7 +85,8 @@ class Trainer:
         finite, outliers = fit_epoch(t, self.model, self.optimizer, self.selection, self.train, gather)
         for i in outliers.tolist():
             self.log(f"epoch {epoch}: structure {int(self.train_index[i])} of {self.cfg.data.path} had an extreme "
-                     f"error in {self.cfg.selection.outlier_epochs} fits in a row (its reference data may be wrong)")
+                     f"error that did not fall in {self.cfg.selection.outlier_epochs} fits in a row (its reference "
+                     f"data may be wrong)")
         if not (epoch % t.validation_every == 0 or epoch in (1, t.epochs)):
             return finite, None
         train_m = evaluate(self.model, self.monitor, t.energy_weight, t.force_weight, gather)
