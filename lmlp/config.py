@@ -39,6 +39,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import ConfigError
 
 OptimizerName = Literal["core", "adam", "adamax", "rmsprop", "adagrad", "adadelta", "nag", "momentum", "sgd", "rprop"]
@@ -117,20 +118,9 @@ class DescriptorConfig:
     angular_form: Literal["g5", "g4"] = "g5"
     """Angular form: G5 has no j–k distance term, G4 also multiplies by exp(−η r_jk²) f_c(r_jk)."""
 
-    def n_functions(self, n_elements: int | None = None) -> int:
-        """Descriptor length per atom; for kind "acsf" it depends on the number of elements."""
-        per_angular = len(self.angular_eta) * len(self.angular_lambda) * len(self.angular_zeta)
-        if self.kind == "acsf":
-            if n_elements is None:
-                raise ValueError("plain ACSFs: the number of functions depends on n_elements")
-            return len(self.radial_eta) * n_elements + per_angular * n_elements * (n_elements + 1) // 2
-        angular_kinds = sum(
-            1 for t in self.angular_types for w in self.angular_pair_weights if not (t == 0 and w == "difference")
-        )
-        return len(self.radial_types) * len(self.radial_eta) + angular_kinds * per_angular
-
     def validate(self) -> None:
-        """Paired radial lists, centres inside the cutoff, at least one function."""
+        """Paired radial lists, centres inside the cutoff, and symmetry functions that can be built
+        (at least one; counted by ``SymmetryFunctions`` itself)."""
         if len(self.radial_rs) != len(self.radial_eta):
             raise _got("radial_rs", self.radial_rs, f"{len(self.radial_eta)} values, one per radial_eta")
         pairs = list(zip(self.radial_eta, self.radial_rs))
@@ -139,7 +129,11 @@ class DescriptorConfig:
         for i, rs in enumerate(self.radial_rs):
             if rs >= self.cutoff:
                 raise _got(f"radial_rs[{i}]", rs, f"a centre < cutoff ({self.cutoff} Å)")
-        if self.n_functions(n_elements=1) < 1:
+        try:
+            n_functions = SymmetryFunctions.from_config(self, elements=[1]).n_functions
+        except ValueError as exc:
+            raise _Invalid("", f"these parameters give no valid symmetry functions: {exc}") from None
+        if n_functions < 1:
             raise _Invalid("", "no symmetry functions: give radial (eta, rs) pairs or angular parameters")
 
 
