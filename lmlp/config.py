@@ -41,9 +41,14 @@ import yaml
 
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import ConfigError
+from lmlp.model import ACTIVATION_CODES
+from lmlp.optim import OPTIMIZERS
 
-OptimizerName = Literal["core", "adam", "adamax", "rmsprop", "adagrad", "adadelta", "nag", "momentum", "sgd", "rprop"]
-"""The ten optimizers of the CoRe benchmark (spec §8)."""
+OptimizerName = Literal[OPTIMIZERS]
+"""The ten optimizers of the CoRe benchmark (spec §8): the names of ``lmlp.optim.registry``."""
+
+ActivationName = Literal[tuple(ACTIVATION_CODES)]
+"""Hidden-layer activations: the names of ``lmlp.model.ACTIVATIONS``."""
 
 HyperParameter = bool | int | float | list[int | float]
 """An extra optimizer hyperparameter value: a number, a bool or a list of numbers."""
@@ -143,7 +148,7 @@ class ModelConfig:
 
     hidden: list[int] = _field([25, 25], ge=1)
     """Neurons per hidden layer."""
-    activation: Literal["scaled_tanh", "tanh", "silu", "softplus"] = "scaled_tanh"
+    activation: ActivationName = "scaled_tanh"
     """Hidden-layer activation; scaled_tanh = 1.59223·tanh(x)."""
 
 

@@ -240,3 +240,25 @@ def test_arbitrary_data_gives_config_or_config_error(data):
         assert isinstance(config_from_dict(data, "h.yaml"), Config)
     except ConfigError as exc:
         assert "\n" not in str(exc) and str(exc).startswith("h.yaml: ")
+
+
+def test_names_and_defaults_come_from_their_one_source():
+    """Optimizer and activation names are those of the registries, and evaluate_model's loss
+    weights the training defaults: a change there reaches the config and the API."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import inspect, lmlp.model, lmlp.optim",
+        "lmlp.model.ACTIVATION_CODES['gelu'] = 99",
+        "lmlp.optim.OPTIMIZERS = (*lmlp.optim.OPTIMIZERS, 'lion')",
+        "import lmlp.config",
+        "cfg = lmlp.config.config_from_dict({'model': {'activation': 'gelu'}, 'optimizer': {'name': 'lion'}})",
+        "lmlp.config.TrainingConfig.energy_weight = 3.0",
+        "import lmlp.metrics",
+        "print(cfg.model.activation, cfg.optimizer.name,",
+        "      inspect.signature(lmlp.metrics.evaluate_model).parameters['q'].default)",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["gelu", "lion", "3.0"]
