@@ -47,6 +47,7 @@ from lmlp.config import CompareConfig, Config, OptimizerConfig, VariantConfig, l
 from lmlp.errors import ConfigError, LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
 from lmlp.optim import build_optimizer
+from lmlp.units import ENERGY_ERROR, FORCE_ERROR
 
 TASKS = ("E", "F")
 """The comparison's tasks: energy (meV/atom) and force (meV/Å) test RMSE."""
@@ -294,7 +295,7 @@ def _flat_row(s: RunSummary, c: Comparison, k: int) -> dict[str, Any]:
 
 
 def _as_json(c: Comparison) -> dict[str, Any]:
-    return {"units": {"rmse_e": "meV/atom", "rmse_f": "meV/Angstrom", "time": "s/epoch"},
+    return {"units": {"rmse_e": ENERGY_ERROR, "rmse_f": FORCE_ERROR, "time": "s/epoch"},
             "scores_from": "smoothness-aware errors (all seeds at every seed's best epoch)",
             "runs": [{**_flat_row(s, c, k), "params": s.params, "initial_weights_sha256": s.initial_weights}
                      for k, s in enumerate(c.runs)]}

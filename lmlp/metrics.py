@@ -16,9 +16,7 @@ from lmlp.batch import Batch, chunks, compute_batch, predict
 from lmlp.config import TrainingConfig
 from lmlp.data import StructureSet
 from lmlp.model import HDNNPEnsemble
-
-UNITS = {"energy": "meV/atom", "forces": "meV/Angstrom"}
-"""Units of every reported metric."""
+from lmlp.units import METRIC_UNITS
 
 
 @dataclass
@@ -133,4 +131,4 @@ def format_evaluation(results: dict[str, Metrics]) -> str:
 
 def evaluation_json(results: dict[str, Metrics]) -> dict:
     """``results`` as plain JSON data, with units."""
-    return {"units": UNITS, "subsets": {name: metrics_dict(m) for name, m in results.items()}}
+    return {"units": METRIC_UNITS, "subsets": {name: metrics_dict(m) for name, m in results.items()}}

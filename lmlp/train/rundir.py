@@ -20,10 +20,11 @@ from lmlp.batch import Batch, predict_all
 from lmlp.config import Config, dump_config
 from lmlp.distributed import Workers
 from lmlp.fileio import atomic_path, atomic_write_text
-from lmlp.metrics import UNITS, Metrics, metrics_dict
+from lmlp.metrics import Metrics, metrics_dict
 from lmlp.model import HDNNPEnsemble
 from lmlp.modelfile import save_model
 from lmlp.train.result import TrainingResult
+from lmlp.units import ENERGY_ERROR, FORCE_ERROR, METRIC_UNITS
 
 CURVE = "learning_curve.csv"
 BEST = "checkpoint_best.pt"
@@ -74,7 +75,8 @@ def curve_row(epoch: int, train_m: Metrics, val_m: Metrics) -> dict[str, float]:
 def write_curve(path: Path, rows: list[dict[str, float]], monitored: str) -> None:
     """learning_curve.csv with a comment line on units and on what the train columns cover."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        fh.write(f"# energies meV/atom, forces meV/Angstrom; m<k> = ensemble member k; train columns over {monitored}\n")
+        fh.write(f"# energies {ENERGY_ERROR}, forces {FORCE_ERROR}; m<k> = ensemble member k; train columns over "
+                 f"{monitored}\n")
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -105,7 +107,7 @@ def write_results(cfg: Config, result: TrainingResult, model: HDNNPEnsemble, row
 
 def metrics_json(result: TrainingResult) -> dict[str, Any]:
     """The content of metrics.json."""
-    return {"units": UNITS, "train": metrics_dict(result.train), "validation": metrics_dict(result.validation),
+    return {"units": METRIC_UNITS, "train": metrics_dict(result.train), "validation": metrics_dict(result.validation),
             "validation_split": result.validation_split, "test": metrics_dict(result.test),
             "extra_test": {path: metrics_dict(m) for path, m in result.extra_test.items()},
             "extra_test_uncertainty": {path: r.as_dict() for path, r in result.extra_test_uncertainty.items()},
