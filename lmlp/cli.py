@@ -193,10 +193,10 @@ def data_label(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
 ) -> None:
     """Compute reference energies and forces for structures (as lmlp data generate does) and write HDF5."""
-    from lmlp.md import label_flagged
+    from lmlp.labelling import label_file
 
-    labelled, failed = label_flagged(source, out, method=method, charge=charge, test_fraction=test_fraction,
-                                     seed=seed, command=_command_line(), progress=True)
+    labelled, failed = label_file(source, out, method=method, charge=charge, test_fraction=test_fraction,
+                                  seed=seed, command=_command_line(), progress=True)
     typer.echo(f"wrote {len(labelled)} structures labelled with {labelled.attrs['method']} to {out}"
                + (f"; {len(failed)} failed (structures {', '.join(map(str, failed))})" if failed else ""))
 
