@@ -331,8 +331,13 @@ class CompareConfig:
     )
     """Optimizer settings to compare; each is trained under identical conditions."""
     seeds: int = _field(3, ge=1)
-    """Independent trainings per variant (initial-weight seeds 0 … seeds−1, the same for every
-    variant); they are trained together as the members of one ensemble."""
+    """Trainings per variant, seeds s = 0 … seeds−1: seed s starts from the initial weights of
+    ensemble member s (``ensemble.seed`` + s), the same for every variant."""
+    seed_mode: Literal["independent", "shared"] = "independent"
+    """"independent": every seed is a training run of its own (one member, data order and
+    selection drawn with ``training.seed`` + s), so the spread over seeds includes the data order;
+    "shared": the seeds are the members of one ensemble trained together (one batched run; they
+    share the data order and the selection weights, so their spread is a lower bound)."""
     lr_grid: list[float] | None = _field(None, gt=0, unique=True)
     """Learning rates / maximal step sizes to try per variant (null: each variant's own lr);
     the value with the lowest final validation loss is kept."""
