@@ -126,13 +126,11 @@ def _threshold_between_roundings() -> tuple[float, float]:
     """A float32 score K whose freezing threshold 0.999999 K, rounded to float32, differs when
     the product is taken in float64 (as the reference does) and in float32; K and the lower of
     the two thresholds."""
-    k = torch.tensor(0.01, dtype=torch.float32)
-    while True:
-        in_float64 = (k.double() * 0.999999).float()
-        in_float32 = k * torch.tensor(0.999999, dtype=torch.float32)
-        if in_float64 != in_float32:
-            return float(k), float(torch.minimum(in_float64, in_float32))
-        k = torch.nextafter(k, torch.tensor(1.0))
+    k = torch.linspace(0.01, 0.02, 100_001, dtype=torch.float32)
+    in_float64 = (k.double() * 0.999999).float()
+    in_float32 = k * torch.tensor(0.999999, dtype=torch.float32)
+    first = int(torch.nonzero(in_float64 != in_float32)[0])
+    return float(k[first]), float(torch.minimum(in_float64, in_float32)[first])
 
 
 def test_float32_freezing_threshold_is_taken_in_float64_as_the_reference_does() -> None:
