@@ -10,15 +10,18 @@ the blocks (one optimizer step per epoch, as in memory).
 
 Disk layout (``training.descriptor_cache: disk``; ``descriptors_<split>.h5`` in the run directory):
 
-    /                 attributes: format = "lmlp.descriptor_cache", format_version = 1,
+    /                 attributes: format = "lmlp.descriptor_cache", format_version = 2,
                       key (JSON: descriptor hyperparameters, dtype, content digest of the
-                      structures), units ("descriptor units; derivatives per Angstrom")
+                      structures, structures per block), structures_per_block (the
+                      ``STRUCTURES_PER_CHUNK`` the file was written with), units
+                      ("descriptor units; derivatives per Angstrom")
     /blocks/<k>/G       (n_k, F)      block k's atoms' descriptors
     /blocks/<k>/values  (n_k, F, 3K)  dG/dR grouped by centre (``CentreDerivatives``)
     /blocks/<k>/atom    (n_k, K)      int32 moving atom of each slot, counted from the block's first atom
 
 Datasets are chunked along atoms with the Fletcher-32 checksum filter, so a damaged chunk is
-reported on read. A cache whose key does not match the run's data and descriptor is rebuilt.
+reported on read. A cache whose key does not match the run's data, descriptor and block size is
+rebuilt; a cache file is read in the blocks it was written in.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from lmlp.errors import LmlpError
 from lmlp.fileio import atomic_path
 
 FORMAT = "lmlp.descriptor_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROWS_PER_CHUNK = 64
 """Atoms per HDF5 chunk (the unit of reads and checksums)."""
 
@@ -82,6 +85,8 @@ class DiskCache:
         self.energy = torch.from_numpy(s.energy)
         self.forces = torch.from_numpy(s.forces).to(dtype)
         self.file = h5py.File(path, "r")
+        self.block = _block_size(self.file, path)
+        """Structures per block of this file."""
 
     @classmethod
     def open(cls, path: str | os.PathLike, s: StructureSet, descriptor: SymmetryFunctions,
@@ -102,7 +107,7 @@ class DiskCache:
 
     def select(self, indices: torch.Tensor) -> Iterator[Batch]:
         """The structures ``indices`` (sorted), one piece per block that holds any of them."""
-        blocks = torch.div(indices, STRUCTURES_PER_CHUNK, rounding_mode="floor")
+        blocks = torch.div(indices, self.block, rounding_mode="floor")
         for k in torch.unique_consecutive(blocks).tolist():
             local = indices[blocks == k]
             yield self._read(k, int(local[0]), int(local[-1]) + 1).select(local - local[0])
@@ -110,8 +115,8 @@ class DiskCache:
     def __iter__(self) -> Iterator[Batch]:
         """All structures, block by block (read anew on every iteration)."""
         for k in range(self._n_blocks):
-            start = k * STRUCTURES_PER_CHUNK
-            yield self._read(k, start, min(start + STRUCTURES_PER_CHUNK, len(self)))
+            start = k * self.block
+            yield self._read(k, start, min(start + self.block, len(self)))
 
     def standardizer(self) -> Standardizer:
         """Mean and population std of G over every atom (two passes over the blocks, float64)."""
@@ -122,7 +127,7 @@ class DiskCache:
 
     @property
     def _n_blocks(self) -> int:
-        return -(-len(self) // STRUCTURES_PER_CHUNK)
+        return -(-len(self) // self.block)
 
     def _G(self, k: int) -> torch.Tensor:
         return torch.from_numpy(self._dataset(k, "G")[:]).double()
@@ -132,7 +137,7 @@ class DiskCache:
 
     def _read(self, k: int, first: int, stop: int) -> Batch:
         """Structures ``first``…``stop − 1`` (all in block k) as a ``Batch``."""
-        block_atom = int(self.offsets[k * STRUCTURES_PER_CHUNK])
+        block_atom = int(self.offsets[k * self.block])
         a, b = int(self.offsets[first]), int(self.offsets[stop])
         rows = slice(a - block_atom, b - block_atom)
         try:
@@ -148,12 +153,26 @@ class DiskCache:
 
 
 def cache_key(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> str:
-    """What a cache file must have been computed from: descriptor, precision and structures."""
+    """What a cache file must have been computed from: descriptor, precision, structures and the
+    number of structures per block."""
     digest = hashlib.sha256()
     for array in (s.numbers, s.positions, s.offsets):
         digest.update(np.ascontiguousarray(array).tobytes())
     return json.dumps({"descriptor": descriptor.hyperparameters, "dtype": str(dtype),
-                       "structures": digest.hexdigest()}, sort_keys=True, default=str)
+                       "structures": digest.hexdigest(), "structures_per_block": STRUCTURES_PER_CHUNK},
+                      sort_keys=True, default=str)
+
+
+def _block_size(file: h5py.File, path: Path) -> int:
+    """Structures per block of an open cache file; ``LmlpError`` for a file without it."""
+    try:
+        return int(file.attrs["structures_per_block"])
+    except KeyError:
+        raise LmlpError(f"{path}: descriptor cache without its block size (written by an older lmlp); delete "
+                        f"it and resume to rebuild it") from None
+    except OSError as exc:
+        raise LmlpError(f"{path}: descriptor cache unreadable ({str(exc).splitlines()[0]}); delete it and resume "
+                        f"to rebuild it") from None
 
 
 def _matches(path: Path, key: str) -> bool:
@@ -170,6 +189,7 @@ def _write(path: Path, s: StructureSet, descriptor: SymmetryFunctions, dtype: to
     """Compute and write the cache block by block (atomically: a killed build leaves no file)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "v110")) as f:
         f.attrs["format"], f.attrs["format_version"], f.attrs["key"] = FORMAT, FORMAT_VERSION, key
+        f.attrs["structures_per_block"] = STRUCTURES_PER_CHUNK
         f.attrs["units"] = "descriptor units; derivatives per Angstrom"
         for k, start in enumerate(range(0, len(s), STRUCTURES_PER_CHUNK)):
             part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))

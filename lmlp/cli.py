@@ -193,10 +193,10 @@ def data_label(
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
 ) -> None:
     """Compute reference energies and forces for structures (as lmlp data generate does) and write HDF5."""
-    from lmlp.md import label_flagged
+    from lmlp.labelling import label_file
 
-    labelled, failed = label_flagged(source, out, method=method, charge=charge, test_fraction=test_fraction,
-                                     seed=seed, command=_command_line(), progress=True)
+    labelled, failed = label_file(source, out, method=method, charge=charge, test_fraction=test_fraction,
+                                  seed=seed, command=_command_line(), progress=True)
     typer.echo(f"wrote {len(labelled)} structures labelled with {labelled.attrs['method']} to {out}"
                + (f"; {len(failed)} failed (structures {', '.join(map(str, failed))})" if failed else ""))
 
@@ -333,10 +333,12 @@ def md_command(
     interval: Annotated[int, typer.Option(help="Write the trajectory every this many steps.")] = 10,
     max_flagged: Annotated[int, typer.Option(help="At most this many flagged structures.")] = 100,
     flag_interval: Annotated[int, typer.Option(help="At least this many steps between two flagged structures.")] = 10,
-    energy_factor: Annotated[float, typer.Option(
-        help="Energy threshold: per-atom energy std above this x the model's mean test RMSE (meV/atom).")] = 2.0,
-    force_factor: Annotated[float, typer.Option(
-        help="Force threshold: largest force-component std above this x the mean test force RMSE.")] = 5.0,
+    energy_factor: Annotated[Optional[float], typer.Option(
+        help="Energy threshold: per-atom energy std above this x the model's mean test RMSE, meV/atom "
+             "(default: lmlp.calculator.ENERGY_FACTOR).")] = None,
+    force_factor: Annotated[Optional[float], typer.Option(
+        help="Force threshold: largest force-component std above this x the mean test force RMSE "
+             "(default: lmlp.calculator.FORCE_FACTOR).")] = None,
     min_distance: Annotated[Optional[float], typer.Option(
         help="Closest interatomic distance of the training data, Å (default: the model file's, if stored); "
              "closer atoms are warned about and counted.")] = None,
@@ -356,7 +358,7 @@ def md_command(
     summary = run_md(model, start, ensemble=ensemble.lower(), temperature_K=temperature, timestep_fs=timestep,
                      steps=steps, out_trajectory=out, seed=seed, flagged_path=flagged, friction_per_fs=friction,
                      start_index=index, trajectory_interval=interval, max_flagged=max_flagged,
-                     flag_interval=flag_interval, energy_factor=energy_factor, force_factor=force_factor,
+                     flag_interval=flag_interval, **_given(energy_factor=energy_factor, force_factor=force_factor),
                      dtype=torch.float64 if float64 else None, min_distance=min_distance, threads=threads or None,
                      progress=progress, pressure_bar=pressure, backend=backend)
     typer.echo(summary.format())
@@ -373,7 +375,7 @@ def train_command(
     """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
     from lmlp import distributed
     from lmlp.config import load_config
-    from lmlp.training import format_table, train
+    from lmlp.train import format_table, train
 
     if (config is None) == (resume is None):
         raise LmlpError("give a config file, or --resume RUN_DIR (whose config.yaml is used), not both")
@@ -446,6 +448,11 @@ def compare_command(
     with distributed.processes(cfg.training.device):
         compare(cfg, variants=optimizers.split(",") if optimizers else None, seeds=seeds,
                 lr_grid=_float_list("--lr-grid", lr_grid) if lr_grid else None, epochs=epochs, out=out)
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The ``options`` given on the command line (not None): the others keep the API's defaults."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _float_list(option: str, text: str) -> list[float]:

@@ -2,9 +2,12 @@
 
 Every variant (a named optimizer setting, ``compare.variants``) trains the same lMLP under
 identical conditions: the same data split, selection mode, epoch budget and initial weights. Seed s
-is ensemble member s, so all seeds of one variant train together as one batched ensemble, and
-member s starts from the same weights in every variant. Per variant (and learning rate of an
-optional grid, the best of which is kept) the comparison reports:
+starts from the initial weights of ensemble member s, the same in every variant. With
+``compare.seed_mode`` "independent" (the default) every seed is a training run of its own, with
+its own data order and adaptive selection (``training.seed`` + s); with "shared" the seeds are the
+members of one ensemble that trains them together in one batched run, sharing the data order and
+the selection weights. Per variant (and learning rate of an optional grid, the best of which is
+kept) the comparison reports:
 
 - final test RMSE of E (meV/atom) and F (meV/Å), mean ± std over seeds, each seed at its own
   early-stopping epoch (chosen on the validation split; the test split is read once, at the end);
@@ -17,13 +20,14 @@ optional grid, the best of which is kept) the comparison reports:
       A(k) = mean_i A_i(k)                                    (Eq. 21)
       ΔA(k) = (Σ_i ΔA_i(k)²)^½ / N_tasks                      (Eq. 22)
 
-- wall time per epoch and the epochs until the validation RMSE first reaches the configured
+- wall time per epoch (of all seeds) and the epochs until the validation RMSE first reaches the configured
   targets (mean over the seeds that reach it).
 
 The learning rate of a grid is chosen by the final validation loss, never by test errors.
 
-Each (variant, learning rate) run is an ordinary run directory under ``OUT/runs``; a finished one
-is skipped and an interrupted one resumed, so a killed comparison continues where it stopped.
+Each run is an ordinary run directory under ``OUT/runs/<variant>``: ``lr<lr>-seed<s>`` per seed
+(independent) or ``lr<lr>`` for all seeds (shared). A finished run is skipped and an interrupted
+one resumed, so a killed comparison continues where it stopped.
 Outputs in ``OUT``: comparison.md (ranked table), comparison.csv, comparison.json,
 accuracy_scores.png and validation_rmse.png.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -47,6 +52,7 @@ from lmlp.config import CompareConfig, Config, OptimizerConfig, VariantConfig, l
 from lmlp.errors import ConfigError, LmlpError
 from lmlp.fileio import atomic_path, atomic_write_text
 from lmlp.optim import build_optimizer
+from lmlp.units import ENERGY_ERROR, FORCE_ERROR
 
 TASKS = ("E", "F")
 """The comparison's tasks: energy (meV/atom) and force (meV/Å) test RMSE."""
@@ -72,7 +78,11 @@ def accuracy_scores(
 
 @dataclass
 class RunSummary:
-    """What one (variant, learning rate) run achieved; errors in meV/atom and meV/Å."""
+    """What one (variant, learning rate) achieved over its seeds; errors in meV/atom and meV/Å.
+
+    ``seconds_per_epoch``: the wall time of all seeds per epoch (their runs' times summed);
+    ``initial_weights``: the SHA-256 of the initial weights (of one run per seed: of their SHA-256s).
+    """
 
     variant: str
     optimizer: str
@@ -118,8 +128,6 @@ def compare(
     Under torchrun the runs are spread over the processes (round robin, each run in one process);
     process 0 writes the outputs once all runs are done (``lmlp.distributed``).
     """
-    from lmlp.training import train
-
     spec = cfg.compare
     chosen = _chosen_variants(spec.variants, variants)
     n_seeds = seeds or spec.seeds
@@ -128,29 +136,39 @@ def compare(
     out_dir = Path(out or spec.out.replace("{name}", cfg.name))
     for variant in chosen:
         _check_variant(variant)
-    runs = [(variant, lr, _run_config(cfg, variant, lr, n_seeds, n_epochs, out_dir))
-            for variant in chosen for lr in grid or [variant.lr]]
-    for _, _, run_cfg in runs:
+    groups = [(variant, lr, _run_configs(cfg, variant, lr, n_seeds, n_epochs, out_dir))
+              for variant in chosen for lr in grid or [variant.lr]]
+    runs = [(variant, lr, seed, run_cfg) for variant, lr, run_cfgs in groups for seed, run_cfg in enumerate(run_cfgs)]
+    for *_, run_cfg in runs:
         _check_earlier(run_cfg)
+    _train_runs(runs, n_seeds, n_epochs)
+    summaries = []
+    for variant in chosen:
+        candidates = [summarize_runs(run_cfgs, v, lr) for v, lr, run_cfgs in groups if v is variant]
+        summaries.append(min(candidates, key=lambda s: s.validation_loss))
+    comparison = _score(summaries, out_dir)
+    if distributed.current().main:
+        write_outputs(comparison, cfg, grid is not None)
+    return comparison
+
+
+def _train_runs(runs: list[tuple[VariantConfig, float, int, Config]], n_seeds: int, n_epochs: int) -> None:
+    """Train (or resume) the unfinished ``runs`` (variant, learning rate, index, config); under
+    torchrun round robin over the processes, each waiting for all runs to finish."""
+    from lmlp.train import train
+
     workers = distributed.current()
-    for k, (variant, lr, run_cfg) in enumerate(runs):
+    for k, (variant, lr, index, run_cfg) in enumerate(runs):
         if k % workers.size == workers.rank and not (run_cfg.run_dir / "metrics.json").is_file():
             resume = (run_cfg.run_dir / "checkpoint_last.pt").is_file()
-            print(f"{'resuming' if resume else 'training'} {variant.name}, lr {lr:g}, {n_seeds} seeds, "
+            seeds = f"{n_seeds} seeds" if run_cfg.ensemble.members > 1 else f"seed {index + 1} of {n_seeds}"
+            print(f"{'resuming' if resume else 'training'} {variant.name}, lr {lr:g}, {seeds}, "
                   f"{n_epochs} epochs → {run_cfg.run_dir}"
                   + (f" (process {workers.rank})" if workers.size > 1 else ""), flush=True)
             train(run_cfg, resume=resume, workers=distributed.SINGLE)
     if workers.size > 1:  # runs take unequal times: wait on the files, not at a timed collective
-        _wait_for([run_cfg.run_dir / "metrics.json" for _, _, run_cfg in runs])
+        _wait_for([run_cfg.run_dir / "metrics.json" for *_, run_cfg in runs])
     workers.barrier()
-    summaries = []
-    for variant in chosen:
-        candidates = [summarize_run(run_cfg, v, lr) for v, lr, run_cfg in runs if v is variant]
-        summaries.append(min(candidates, key=lambda s: s.validation_loss))
-    comparison = _score(summaries, out_dir)
-    if workers.main:
-        write_outputs(comparison, cfg, grid is not None)
-    return comparison
 
 
 def _chosen_variants(variants: list[VariantConfig], names: list[str] | None) -> list[VariantConfig]:
@@ -194,45 +212,79 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "variant"
 
 
-def _run_config(cfg: Config, variant: VariantConfig, lr: float, seeds: int, epochs: int, out: Path) -> Config:
-    """The training config of one (variant, learning rate) run: seeds as ensemble members."""
-    run_dir = out / "runs" / _slug(variant.name) / f"lr{lr:g}"
-    return dataclasses.replace(
+def _run_configs(cfg: Config, variant: VariantConfig, lr: float, seeds: int, epochs: int, out: Path) -> list[Config]:
+    """The training configs of one (variant, learning rate): one run per seed s (one member,
+    ``ensemble.seed`` + s and ``training.seed`` + s; "independent") or one run whose members are
+    the seeds ("shared")."""
+    base = dataclasses.replace(
         cfg,
         name=_slug(variant.name),
         optimizer=OptimizerConfig(name=variant.optimizer, lr=lr, params=dict(variant.params)),
-        ensemble=dataclasses.replace(cfg.ensemble, members=seeds),
         training=dataclasses.replace(cfg.training, epochs=epochs, checkpoint_every=min(cfg.training.checkpoint_every, epochs)),
-        output=dataclasses.replace(cfg.output, run_dir=str(run_dir), plots=False, progress=False),
+        output=dataclasses.replace(cfg.output, plots=False, progress=False),
+    )
+    runs = out / "runs" / _slug(variant.name)
+    if cfg.compare.seed_mode == "shared":
+        return [_seed_config(base, runs / f"lr{lr:g}", members=seeds, seed=0)]
+    return [_seed_config(base, runs / f"lr{lr:g}-seed{s}", members=1, seed=s) for s in range(seeds)]
+
+
+def _seed_config(base: Config, run_dir: Path, members: int, seed: int) -> Config:
+    """``base`` training ``members`` members from seed ``seed`` on (initial weights and data order)
+    into ``run_dir``. Member m of ensemble seed e starts from the weights of seed e + m, so member 0
+    of seed s starts where member s of seed 0 does."""
+    return dataclasses.replace(
+        base,
+        ensemble=dataclasses.replace(base.ensemble, members=members, seed=base.ensemble.seed + seed),
+        training=dataclasses.replace(base.training, seed=base.training.seed + seed),
+        output=dataclasses.replace(base.output, run_dir=str(run_dir)),
     )
 
 
-def summarize_run(run_cfg: Config, variant: VariantConfig, lr: float) -> RunSummary:
-    """Errors, smoothness-aware errors, timing and convergence of a finished run directory."""
-    run_dir = run_cfg.run_dir
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    info = json.loads((run_dir / "run.json").read_text())
-    rows = read_curve(run_dir / "learning_curve.csv")
-    seeds = len(metrics["test"]["members"]["rmse_e"])
-    e = np.array([[r[f"validation_rmse_e_m{k}"] for k in range(seeds)] for r in rows])  # (epochs, seeds)
-    f = np.array([[r[f"validation_rmse_f_m{k}"] for k in range(seeds)] for r in rows])
-    epochs = np.array([r["epoch"] for r in rows])
-    best = np.searchsorted(epochs, np.array(metrics["best_epoch"]))  # its row; 0 (never improved): the first
-    final_e, final_f = np.array(metrics["test"]["members"]["rmse_e"]), np.array(metrics["test"]["members"]["rmse_f"])
-    val_e = np.array(metrics["validation"]["members"]["rmse_e"])
-    val_f = np.array(metrics["validation"]["members"]["rmse_f"])
-    q, w_f = run_cfg.training.energy_weight, run_cfg.training.force_weight
+def summarize_runs(run_cfgs: list[Config], variant: VariantConfig, lr: float) -> RunSummary:
+    """Errors, smoothness-aware errors, timing and convergence of the finished run directories
+    of one (variant, learning rate); their members, in order, are the seeds."""
+    metrics = [json.loads((c.run_dir / "metrics.json").read_text()) for c in run_cfgs]
+    curves = [read_curve(c.run_dir / "learning_curve.csv") for c in run_cfgs]
+    epochs = np.array([r["epoch"] for r in curves[0]])
+    for c, rows in zip(run_cfgs, curves):
+        if [r["epoch"] for r in rows] != epochs.tolist():
+            raise LmlpError(f"{c.run_dir}: validated other epochs than {run_cfgs[0].run_dir}")
+    e = np.hstack([_member_columns(rows, "validation_rmse_e", m) for rows, m in zip(curves, metrics)])  # (epochs, seeds)
+    f = np.hstack([_member_columns(rows, "validation_rmse_f", m) for rows, m in zip(curves, metrics)])
+    best_epoch = np.concatenate([m["best_epoch"] for m in metrics])
+    best = np.searchsorted(epochs, best_epoch)  # its row; 0 (never improved): the first
+    val_e, val_f = _members(metrics, "validation", "rmse_e"), _members(metrics, "validation", "rmse_f")
+    q, w_f = run_cfgs[0].training.energy_weight, run_cfgs[0].training.force_weight
+    spec = run_cfgs[0].compare
     return RunSummary(
         variant=variant.name, optimizer=variant.optimizer, lr=lr, params=dict(variant.params),
-        final_e=_mean_std(final_e), final_f=_mean_std(final_f),
+        final_e=_mean_std(_members(metrics, "test", "rmse_e")), final_f=_mean_std(_members(metrics, "test", "rmse_f")),
         smooth_e=_mean_std(e[best].ravel()), smooth_f=_mean_std(f[best].ravel()),
         validation_loss=float(np.mean(q**2 * (val_e / 1e3) ** 2 + w_f * (val_f / 1e3) ** 2)),
-        seconds_per_epoch=metrics["wall_time_s"] / epochs[-1],
-        epochs_to_target_e=_epochs_to(e, run_cfg.compare.target_rmse_e, rows),
-        epochs_to_target_f=_epochs_to(f, run_cfg.compare.target_rmse_f, rows),
-        initial_weights=info["initial_weights_sha256"],
+        seconds_per_epoch=sum(m["wall_time_s"] for m in metrics) / epochs[-1],
+        epochs_to_target_e=_epochs_to(e, spec.target_rmse_e, curves[0]),
+        epochs_to_target_f=_epochs_to(f, spec.target_rmse_f, curves[0]),
+        initial_weights=_initial_weights([c.run_dir for c in run_cfgs]),
         curve_epochs=epochs.astype(int).tolist(), curve_e=[_mean_std(x) for x in e], curve_f=[_mean_std(x) for x in f],
     )
+
+
+def _members(metrics: list[dict[str, Any]], split: str, metric: str) -> np.ndarray:
+    """The members' ``metric`` on ``split`` of several runs' metrics.json, concatenated."""
+    return np.concatenate([m[split]["members"][metric] for m in metrics])
+
+
+def _member_columns(rows: list[dict[str, float]], prefix: str, metrics: dict[str, Any]) -> np.ndarray:
+    """(epochs, members) learning-curve columns ``<prefix>_m<k>`` of one run."""
+    members = len(metrics["test"]["members"]["rmse_e"])
+    return np.array([[r[f"{prefix}_m{k}"] for k in range(members)] for r in rows])
+
+
+def _initial_weights(run_dirs: list[Path]) -> str:
+    """The initial-weights SHA-256 of run.json of one run; of several, the SHA-256 of theirs joined."""
+    digests = [json.loads((d / "run.json").read_text())["initial_weights_sha256"] for d in run_dirs]
+    return digests[0] if len(digests) == 1 else hashlib.sha256(",".join(digests).encode()).hexdigest()
 
 
 def read_curve(path: Path) -> list[dict[str, float]]:
@@ -294,7 +346,7 @@ def _flat_row(s: RunSummary, c: Comparison, k: int) -> dict[str, Any]:
 
 
 def _as_json(c: Comparison) -> dict[str, Any]:
-    return {"units": {"rmse_e": "meV/atom", "rmse_f": "meV/Angstrom", "time": "s/epoch"},
+    return {"units": {"rmse_e": ENERGY_ERROR, "rmse_f": FORCE_ERROR, "time": "s/epoch"},
             "scores_from": "smoothness-aware errors (all seeds at every seed's best epoch)",
             "runs": [{**_flat_row(s, c, k), "params": s.params, "initial_weights_sha256": s.initial_weights}
                      for k, s in enumerate(c.runs)]}

@@ -39,10 +39,16 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import ConfigError
+from lmlp.model import ACTIVATION_CODES
+from lmlp.optim import OPTIMIZERS
 
-OptimizerName = Literal["core", "adam", "adamax", "rmsprop", "adagrad", "adadelta", "nag", "momentum", "sgd", "rprop"]
-"""The ten optimizers of the CoRe benchmark (spec §8)."""
+OptimizerName = Literal[OPTIMIZERS]
+"""The ten optimizers of the CoRe benchmark (spec §8): the names of ``lmlp.optim.registry``."""
+
+ActivationName = Literal[tuple(ACTIVATION_CODES)]
+"""Hidden-layer activations: the names of ``lmlp.model.ACTIVATIONS``."""
 
 HyperParameter = bool | int | float | list[int | float]
 """An extra optimizer hyperparameter value: a number, a bool or a list of numbers."""
@@ -117,20 +123,9 @@ class DescriptorConfig:
     angular_form: Literal["g5", "g4"] = "g5"
     """Angular form: G5 has no j–k distance term, G4 also multiplies by exp(−η r_jk²) f_c(r_jk)."""
 
-    def n_functions(self, n_elements: int | None = None) -> int:
-        """Descriptor length per atom; for kind "acsf" it depends on the number of elements."""
-        per_angular = len(self.angular_eta) * len(self.angular_lambda) * len(self.angular_zeta)
-        if self.kind == "acsf":
-            if n_elements is None:
-                raise ValueError("plain ACSFs: the number of functions depends on n_elements")
-            return len(self.radial_eta) * n_elements + per_angular * n_elements * (n_elements + 1) // 2
-        angular_kinds = sum(
-            1 for t in self.angular_types for w in self.angular_pair_weights if not (t == 0 and w == "difference")
-        )
-        return len(self.radial_types) * len(self.radial_eta) + angular_kinds * per_angular
-
     def validate(self) -> None:
-        """Paired radial lists, centres inside the cutoff, at least one function."""
+        """Paired radial lists, centres inside the cutoff, and symmetry functions that can be built
+        (at least one; counted by ``SymmetryFunctions`` itself)."""
         if len(self.radial_rs) != len(self.radial_eta):
             raise _got("radial_rs", self.radial_rs, f"{len(self.radial_eta)} values, one per radial_eta")
         pairs = list(zip(self.radial_eta, self.radial_rs))
@@ -139,7 +134,11 @@ class DescriptorConfig:
         for i, rs in enumerate(self.radial_rs):
             if rs >= self.cutoff:
                 raise _got(f"radial_rs[{i}]", rs, f"a centre < cutoff ({self.cutoff} Å)")
-        if self.n_functions(n_elements=1) < 1:
+        try:
+            n_functions = SymmetryFunctions.from_config(self, elements=[1]).n_functions
+        except ValueError as exc:
+            raise _Invalid("", f"these parameters give no valid symmetry functions: {exc}") from None
+        if n_functions < 1:
             raise _Invalid("", "no symmetry functions: give radial (eta, rs) pairs or angular parameters")
 
 
@@ -149,7 +148,7 @@ class ModelConfig:
 
     hidden: list[int] = _field([25, 25], ge=1)
     """Neurons per hidden layer."""
-    activation: Literal["scaled_tanh", "tanh", "silu", "softplus"] = "scaled_tanh"
+    activation: ActivationName = "scaled_tanh"
     """Hidden-layer activation; scaled_tanh = 1.59223·tanh(x)."""
 
 
@@ -198,8 +197,9 @@ class SelectionConfig:
     error_threshold: float = _field(1.0, gt=0)
     """Threshold as a multiple of the current mean training loss."""
     outlier_epochs: int = _field(10, ge=1)
-    """Consecutive fits above ``outlier_factor`` × the training loss after which a structure is
-    reported as a likely outlier (bad reference data)."""
+    """Consecutive fits above ``outlier_factor`` × the training loss, without the structure's loss
+    falling over them, after which it is reported as a likely outlier (bad reference data); a
+    falling loss (a structure still being learnt, e.g. a new one) starts the count again."""
     outlier_factor: float = _field(25.0, gt=1)
     """Loss multiple (of the current mean training loss) that counts as an extreme error."""
 
@@ -331,8 +331,13 @@ class CompareConfig:
     )
     """Optimizer settings to compare; each is trained under identical conditions."""
     seeds: int = _field(3, ge=1)
-    """Independent trainings per variant (initial-weight seeds 0 … seeds−1, the same for every
-    variant); they are trained together as the members of one ensemble."""
+    """Trainings per variant, seeds s = 0 … seeds−1: seed s starts from the initial weights of
+    ensemble member s (``ensemble.seed`` + s), the same for every variant."""
+    seed_mode: Literal["independent", "shared"] = "independent"
+    """"independent": every seed is a training run of its own (one member, data order and
+    selection drawn with ``training.seed`` + s), so the spread over seeds includes the data order;
+    "shared": the seeds are the members of one ensemble trained together (one batched run; they
+    share the data order and the selection weights, so their spread is a lower bound)."""
     lr_grid: list[float] | None = _field(None, gt=0, unique=True)
     """Learning rates / maximal step sizes to try per variant (null: each variant's own lr);
     the value with the lowest final validation loss is kept."""

@@ -2,8 +2,8 @@
 
 ``run_md`` runs NVE (velocity Verlet) or NVT (Langevin) MD with ASE and an ``LMLPCalculator``.
 ``UncertaintyMonitor``, attached to any ASE dynamics, appends the structures whose ensemble
-uncertainty exceeds the thresholds to an extxyz file; ``label_flagged`` computes reference labels
-for them and writes an lmlp HDF5 file ready for (continued) training.
+uncertainty exceeds the thresholds to an extxyz file; ``lmlp.labelling.label_file`` computes
+reference labels for them and writes an lmlp HDF5 file ready for (continued) training.
 
 Units: time fs, temperature K, energies eV, forces eV/Å, lengths Å; summaries report per-atom
 energies in meV/atom and forces in meV/Å.
@@ -15,7 +15,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ except ImportError:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 from lmlp.calculator import ENERGY_FACTOR, FORCE_FACTOR, LMLPCalculator, UncertaintyThresholds
-from lmlp.data import StructureSet, read_structures, stratified_split, write_structures
+from lmlp.data import read_structures
 from lmlp.data.convert import H5_SUFFIXES, read_images
 from lmlp.errors import LmlpError
 from lmlp.model import HDNNPEnsemble
@@ -401,55 +401,3 @@ def _run(dyn: MolecularDynamics, steps: int, threads: int | None, progress: bool
             return time.perf_counter() - start
     finally:
         torch.set_num_threads(before)
-
-
-def label_flagged(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
-    method: str = "gfn2-xtb",
-    charge: int | None = None,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    command: str = "",
-    progress: bool = False,
-) -> tuple[StructureSet, list[int]]:
-    """Label the structures of ``source`` (e.g. a flagged extxyz file) and write them to ``out`` (HDF5).
-
-    The reference method and its settings are those of ``lmlp data generate``
-    (``lmlp.reference.labellers``; run single-threaded, as there). The total charge of a structure
-    is its ``info["charge"]``, else ``charge``; without either it is an error (SN2 structures are
-    −1, neutral molecules 0: no default guesses it). Labels come from ``info["label"]`` (else the
-    formula). The output gets a ``test_fraction`` train/test split stratified by label (seeded), and
-    the attributes method, program, program_version, command and source. Structures whose
-    reference calculation fails are left out; their indices are returned.
-    """
-    from threadpoolctl import threadpool_limits
-
-    from lmlp.reference.labellers import get_labeller, label_structures
-
-    images = _read_images(source)
-    for i, atoms in enumerate(images):
-        if "charge" not in atoms.info:
-            if charge is None:
-                raise LmlpError(f"{source}: structure {i} has no charge in its info; give the total charge "
-                                f"(e.g. --charge -1 for SN2 structures)")
-            atoms.info["charge"] = charge
-        atoms.info.pop("split", None)
-    labeller = get_labeller(method)
-    with threadpool_limits(limits=1):
-        labelled, failed = label_structures(images, labeller, progress)
-    if not labelled:
-        raise LmlpError(f"{source}: every reference calculation failed ({len(failed)} structures)")
-    s = StructureSet.from_atoms(labelled, source=str(source))
-    s = replace(s, split=stratified_split(s.label, test_fraction, seed),
-                attrs={"method": labeller.method, "program": labeller.program,
-                       "program_version": labeller.program_version, "command": command,
-                       "source": str(source), "n_failed_labels": str(len(failed))})
-    write_structures(out, s)
-    return s, failed
-
-
-def _read_images(source: str | os.PathLike) -> list[Atoms]:
-    """Every structure of an ASE-readable file (positions and info only)."""
-    return [Atoms(a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc, info=dict(a.info))
-            for a in read_images(source)]

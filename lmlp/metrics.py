@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from lmlp.batch import Batch, chunks, compute_batch, predict
+from lmlp.config import TrainingConfig
 from lmlp.data import StructureSet
 from lmlp.model import HDNNPEnsemble
-
-UNITS = {"energy": "meV/atom", "forces": "meV/Angstrom"}
-"""Units of every reported metric."""
+from lmlp.units import METRIC_UNITS
 
 
 @dataclass
@@ -105,9 +104,11 @@ def model_batch(model: HDNNPEnsemble, s: StructureSet) -> Batch:
 
 
 def evaluate_model(
-    model: HDNNPEnsemble, s: StructureSet, q: float = 10.9, w_f: float = 1.0
+    model: HDNNPEnsemble, s: StructureSet, q: float = TrainingConfig.energy_weight,
+    w_f: float = TrainingConfig.force_weight,
 ) -> dict[str, Metrics]:
-    """Metrics of ``model`` on every structure of ``s`` ("all") and per label (e.g. reaction)."""
+    """Metrics of ``model`` on every structure of ``s`` ("all") and per label (e.g. reaction);
+    the loss weights ``q`` and ``w_f`` (for ``Metrics.loss``) default to the training defaults."""
     batch = model_batch(model, s)
     result = {"all": evaluate(model, chunks(batch), q, w_f)}
     labels = s.label.astype(str)
@@ -130,4 +131,4 @@ def format_evaluation(results: dict[str, Metrics]) -> str:
 
 def evaluation_json(results: dict[str, Metrics]) -> dict:
     """``results`` as plain JSON data, with units."""
-    return {"units": UNITS, "subsets": {name: metrics_dict(m) for name, m in results.items()}}
+    return {"units": METRIC_UNITS, "subsets": {name: metrics_dict(m) for name, m in results.items()}}

@@ -23,10 +23,10 @@ from lmlp.descriptors import Standardizer, SymmetryFunctions
 from lmlp.errors import LmlpError
 from lmlp.integrity import load_checked, save_checked
 from lmlp.model import HDNNPEnsemble
+from lmlp.units import MODEL_UNITS as UNITS
 
 FORMAT = "lmlp.model"
 FORMAT_VERSION = 2
-UNITS = {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"}
 
 
 def save_model(path: str | os.PathLike, model: HDNNPEnsemble, metadata: dict[str, Any] | None = None, *,

@@ -6,8 +6,12 @@ uniformly ("random", the baseline). After the fit, a fitted structure's weight i
 ``raise_factor`` where its loss exceeds ``error_threshold`` × the reference loss level (the
 current mean training loss), else by ``lower_factor``, and clipped to [p_min, p_max]. Weights
 never reach 0, so old structures keep being rehearsed; structures added later enter with p_new.
+
 A structure whose loss exceeds ``outlier_factor`` × the reference level in ``outlier_epochs``
-consecutive fits is reported (likely bad reference data), never dropped.
+consecutive fits without falling over them (its loss in the last of these fits is at least its
+loss in the first) is reported (likely bad reference data), never dropped. A structure that is
+still being learnt, such as a new one entering with p_new that the model has not seen, has an
+extreme but falling loss: its count starts again from the fit that showed the fall.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class DataSelection:
         self.cfg = cfg
         self.weights = torch.full((n_structures,), cfg.p_init, dtype=torch.float64)
         self.extreme = torch.zeros(n_structures, dtype=torch.int64)
+        self.streak_start = torch.zeros(n_structures, dtype=torch.float64)
+        """Loss of every structure in the first fit of its current run of extreme losses."""
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -55,37 +61,58 @@ class DataSelection:
         """Adapt the weights of the fitted ``indices`` from their ``losses``; return new outliers.
 
         ``reference`` is the current training loss level (same units as ``losses``). Returns the
-        indices that have just reached ``outlier_epochs`` consecutive extreme losses. In "random"
-        mode the weights are still tracked, so switching modes keeps the history.
+        indices that have just reached ``outlier_epochs`` consecutive extreme losses that did not
+        fall (module docstring). In "random" mode the weights are still tracked, so switching
+        modes keeps the history.
         """
         cfg = self.cfg
-        high = losses.to(torch.float64) > cfg.error_threshold * reference
+        losses = losses.to(torch.float64)
+        high = losses > cfg.error_threshold * reference
         factor = torch.where(high, cfg.raise_factor, cfg.lower_factor).to(torch.float64)
         self.weights[indices] = (self.weights[indices] * factor).clamp(cfg.p_min, cfg.p_max)
-        extreme = losses.to(torch.float64) > cfg.outlier_factor * reference
-        self.extreme[indices] = torch.where(extreme, self.extreme[indices] + 1, 0)
-        return indices[self.extreme[indices] == cfg.outlier_epochs]
+        return self._count_extreme(indices, losses > cfg.outlier_factor * reference, losses)
+
+    def _count_extreme(self, indices: torch.Tensor, extreme: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """Count the ``extreme`` fits in a row of ``indices``; the ones whose count has just
+        reached ``outlier_epochs`` with a loss that did not fall since the first of them."""
+        count = torch.where(extreme, self.extreme[indices] + 1, 0)
+        start = torch.where(extreme & (count == 1), losses, self.streak_start[indices])
+        reached = count == self.cfg.outlier_epochs
+        fell = reached & (losses < start)
+        self.extreme[indices] = torch.where(fell, 1, count)
+        self.streak_start[indices] = torch.where(fell, losses, start)
+        return indices[reached & ~fell]
 
     def add(self, n_new: int) -> None:
         """Append ``n_new`` structures (lifelong learning) with weight p_new."""
         self.weights = torch.cat([self.weights, torch.full((n_new,), self.cfg.p_new, dtype=torch.float64)])
         self.extreme = torch.cat([self.extreme, torch.zeros(n_new, dtype=torch.int64)])
+        self.streak_start = torch.cat([self.streak_start, torch.zeros(n_new, dtype=torch.float64)])
 
     def carry_over(self, state: dict[str, Any], match: torch.Tensor) -> None:
         """Continual learning: take weights, outlier counters and the random stream from an earlier
         selection ``state``; ``match`` (n,) gives each structure's index there, −1 for new ones
         (which get p_new)."""
-        known = match >= 0
-        self.weights = torch.where(known, state["weights"][match.clamp(min=0)], self.cfg.p_new)
-        self.extreme = torch.where(known, state["extreme"][match.clamp(min=0)], 0)
+        known, earlier = match >= 0, match.clamp(min=0)
+        self.weights = torch.where(known, state["weights"][earlier], self.cfg.p_new)
+        self.extreme = torch.where(known, state["extreme"][earlier], 0)
+        self.streak_start = torch.where(known, _streak_start(state)[earlier], 0.0)
         self.generator.set_state(state["generator"])
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, outlier counters and the random stream, for checkpoints."""
+        """Weights, outlier counters (with the loss at the start of each run of extreme losses)
+        and the random stream, for checkpoints."""
         return {"weights": self.weights.clone(), "extreme": self.extreme.clone(),
-                "generator": self.generator.get_state()}
+                "streak_start": self.streak_start.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights = state["weights"].clone()
         self.extreme = state["extreme"].clone()
+        self.streak_start = _streak_start(state).clone()
         self.generator.set_state(state["generator"])
+
+
+def _streak_start(state: dict[str, Any]) -> torch.Tensor:
+    """The streak-start losses of a selection ``state``; zeros for states of lmlp before they were
+    kept (a running count then ends in a report, as it did then)."""
+    return state.get("streak_start", torch.zeros(len(state["weights"]), dtype=torch.float64))

@@ -18,6 +18,7 @@ import torch
 
 from lmlp.batch import Batch, chunks, predict_all
 from lmlp.model import HDNNPEnsemble
+from lmlp.units import METRIC_UNITS
 
 BAD_FACTOR = 3.0
 """A structure counts as badly predicted when its error exceeds this × the reference RMSE."""
@@ -55,7 +56,7 @@ class UncertaintyReport:
     forces: Calibration
 
     def as_dict(self) -> dict:
-        return {"units": {"energy": "meV/atom", "forces": "meV/Angstrom"}, "bad_factor": BAD_FACTOR,
+        return {"units": METRIC_UNITS, "bad_factor": BAD_FACTOR,
                 "recall": RECALL, **asdict(self)}
 
 

@@ -10,7 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+from lmlp.config import Config, config_from_dict
 from lmlp.data import StructureSet, stratified_split
+from lmlp.modelfile import load_model
+from lmlp.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "data" / "sn2_tiny.h5"
@@ -80,3 +84,41 @@ def kill_at_random_moments(command: Callable[[], list[str]], run_dir: Path, seed
         assert process.wait() in ((-signal.SIGKILL, 0) if kill else (0,)), process.stderr.read()
         if kill:
             after_kill()
+
+
+def tiny_config(run_dir: Path, reactions: list[str] | None = None, **training) -> Config:
+    """A 30-epoch run of 3 members of 16-16 neurons (CoRe, p_frozen 0.1) on the tiny SN2 set;
+    ``training`` overrides keys of the training section."""
+    return config_from_dict({
+        "name": "tiny",
+        "data": {"path": str(TINY), "reactions": reactions},
+        "ensemble": {"members": 3},
+        "model": {"hidden": [16, 16]},
+        "selection": {"fit_fraction": 0.5},
+        "training": {"epochs": 30, "checkpoint_every": 10, **training},
+        "optimizer": {"name": "core", "lr": 0.01, "params": {"p_frozen": 0.1}},
+        "output": {"run_dir": str(run_dir), "progress": False},
+    })
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Bitwise equality of the weights of two model files."""
+    x, _ = load_model(a)
+    y, _ = load_model(b)
+    assert x.state_dict().keys() == y.state_dict().keys()
+    for (name, u), v in zip(x.state_dict().items(), y.state_dict().values()):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, msg=name)
+
+
+def crash_at(monkeypatch, epoch: int) -> Callable[[], None]:
+    """Make training stop with KeyboardInterrupt when it records validated epoch ``epoch`` (a kill
+    between two checkpoints); returns the function that undoes this."""
+    original = rundir.curve_row
+
+    def crash(at, *args):
+        if at == epoch:
+            raise KeyboardInterrupt
+        return original(at, *args)
+
+    monkeypatch.setattr(rundir, "curve_row", crash)
+    return lambda: monkeypatch.setattr(rundir, "curve_row", original)

@@ -13,7 +13,7 @@ from lmlp.data import read_structures
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import LmlpError
 from lmlp.integrity import load_checked
-from lmlp.training import train
+from lmlp.train import train
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,17 @@ def test_training_from_the_disk_cache_equals_training_in_memory(tmp_path, monkey
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-9, msg=key)
     assert disk.best_epoch.tolist() == memory.best_epoch.tolist()
     assert disk.test.ensemble == pytest.approx(memory.test.ensemble, rel=1e-9)
+
+
+def test_a_cache_written_with_another_block_size_is_rebuilt(tmp_path, structures, descriptor, monkeypatch):
+    import lmlp.cache
+
+    path, messages = tmp_path / "d.h5", []
+    monkeypatch.setattr(lmlp.cache, "STRUCTURES_PER_CHUNK", 35)
+    DiskCache.open(path, structures, descriptor, torch.float64, log=messages.append).close()
+    monkeypatch.setattr(lmlp.cache, "STRUCTURES_PER_CHUNK", 50)
+    disk = DiskCache.open(path, structures, descriptor, torch.float64, log=messages.append)
+    assert len(messages) == 2
+    expected = Batch.cat(list(MemoryCache(compute_batch(structures, descriptor, torch.float64))))
+    torch.testing.assert_close(Batch.cat(list(disk)).G, expected.G, rtol=0, atol=0)
+    disk.close()

@@ -107,3 +107,25 @@ def test_data_split_by_trajectory_without_ids_is_one_line(tmp_path, molecules):
     ok = lmlp("data", "split", tmp_path / "m.h5", "--by", "random", "--out", tmp_path / "r.h5")
     assert ok.returncode == 0, ok.stderr
     assert set(read_structures(tmp_path / "r.h5")[0].split) == {"train", "validation", "test"}
+
+
+def test_md_thresholds_left_out_are_the_calculators(monkeypatch):
+    """Without --energy-factor / --force-factor, run_md's defaults apply (lmlp.calculator's
+    ENERGY_FACTOR and FORCE_FACTOR), not a copy of their values."""
+    from typer.testing import CliRunner
+
+    import lmlp.md
+    from lmlp.cli import app
+
+    calls = []
+
+    class Summary:
+        def format(self) -> str:
+            return "summary"
+
+    monkeypatch.setattr(lmlp.md, "run_md", lambda *args, **kwargs: calls.append(kwargs) or Summary())
+    runner = CliRunner()
+    assert runner.invoke(app, ["md", "model.pt", "start.xyz"]).exit_code == 0
+    assert not {"energy_factor", "force_factor"} & set(calls[0])
+    assert runner.invoke(app, ["md", "model.pt", "start.xyz", "--energy-factor", "3"]).exit_code == 0
+    assert calls[1]["energy_factor"] == 3.0 and "force_factor" not in calls[1]

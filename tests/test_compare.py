@@ -2,10 +2,12 @@ import json
 
 import numpy as np
 import pytest
-from factories import TINY, kill_at_random_moments
+import torch
+from factories import TINY, crash_at, kill_at_random_moments
 
 from lmlp.compare import accuracy_scores, compare
 from lmlp.config import config_from_dict
+from lmlp.integrity import load_checked
 
 
 def test_accuracy_scores_follow_equations_19_to_22():
@@ -20,7 +22,8 @@ def test_accuracy_scores_follow_equations_19_to_22():
     assert da[0] == pytest.approx(np.hypot(0.1, 0.08) / 2)
 
 
-def mini_config(out):
+def mini_config(out, seed_mode="shared"):
+    """3 variants × 2 seeds × 6 epochs on the tiny set; shared seeds unless ``seed_mode`` says."""
     return config_from_dict({
         "name": "mini",
         "data": {"path": str(TINY)},
@@ -28,7 +31,8 @@ def mini_config(out):
         "selection": {"fit_fraction": 0.5},
         "training": {"epochs": 6, "checkpoint_every": 3},
         "output": {"progress": False},
-        "compare": {"seeds": 2, "out": str(out), "target_rmse_e": 60.0, "target_rmse_f": 1500.0,
+        "compare": {"seeds": 2, "seed_mode": seed_mode, "out": str(out), "target_rmse_e": 60.0,
+                    "target_rmse_f": 1500.0,
                     "variants": [{"name": "CoRe", "optimizer": "core", "lr": 1e-2},
                                  {"name": "CoRe p_frozen=0.1", "optimizer": "core", "lr": 1e-2,
                                   "params": {"p_frozen": 0.1}},
@@ -62,32 +66,23 @@ def test_every_variant_starts_from_the_same_weights_per_seed(mini):
 
 def test_a_second_invocation_trains_nothing(mini, monkeypatch):
     out, result = mini
-    import lmlp.training
+    import lmlp.train
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(lmlp.training, "train", no_training)
+    monkeypatch.setattr(lmlp.train, "train", no_training)
     again = compare(mini_config(out))
     assert [r.variant for r in again.runs] == [r.variant for r in result.runs]
     np.testing.assert_array_equal(again.a, result.a)
 
 
 def test_interrupted_comparison_resumes_the_unfinished_run(tmp_path, monkeypatch):
-    import lmlp.training
-
     cfg = mini_config(tmp_path)
-    original = lmlp.training._curve_row
-
-    def crash(epoch, *args):
-        if epoch == 5:
-            raise KeyboardInterrupt
-        return original(epoch, *args)
-
-    monkeypatch.setattr(lmlp.training, "_curve_row", crash)
+    undo = crash_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         compare(cfg, variants=["Adam"])
-    monkeypatch.setattr(lmlp.training, "_curve_row", original)
+    undo()
     resumed = compare(cfg, variants=["Adam"])
     fresh = compare(mini_config(tmp_path / "fresh"), variants=["Adam"])
     assert resumed.runs[0].final_e == fresh.runs[0].final_e
@@ -128,7 +123,8 @@ def test_compare_command_runs_and_rejects_bad_options(mini, tmp_path):
     cfg = {"name": "mini", "data": {"path": str(TINY)}, "model": {"hidden": [8]},
            "selection": {"fit_fraction": 0.5}, "training": {"epochs": 6, "checkpoint_every": 3},
            "output": {"progress": False},
-           "compare": {"seeds": 2, "out": str(out), "target_rmse_e": 60.0, "target_rmse_f": 1500.0,
+           "compare": {"seeds": 2, "seed_mode": "shared", "out": str(out), "target_rmse_e": 60.0,
+                       "target_rmse_f": 1500.0,
                        "variants": [{"name": "CoRe", "optimizer": "core", "lr": 1e-2},
                                     {"name": "Adam", "optimizer": "adam", "lr": 1e-3}]}}
     config.write_text(yaml.safe_dump(cfg))
@@ -164,3 +160,48 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_comparison(
     strip = [[{k: v for k, v in run.items() if k != "seconds_per_epoch"} for run in json.loads(p.read_text())["runs"]]
              for p in (tmp_path / "whole" / "comparison.json", out / "comparison.json")]
     assert strip[0] == strip[1]
+
+
+def test_seeds_are_independent_runs_by_default():
+    from lmlp.config import CompareConfig
+
+    assert CompareConfig().seed_mode == "independent"
+
+
+def test_independent_seed_s_starts_where_shared_member_s_does():
+    from lmlp.descriptors import Standardizer, SymmetryFunctions
+    from lmlp.model import HDNNPEnsemble
+
+    descriptor = SymmetryFunctions(4.0, [1.0], [1.0], [], [], [])
+
+    def ensemble(members, seed):
+        return HDNNPEnsemble(descriptor, Standardizer(torch.zeros(3), torch.ones(3)), [1, 6], torch.zeros(2),
+                             [4], members=members, seed=seed)
+
+    shared = ensemble(3, 0)
+    for s in range(3):
+        for x, y in zip(ensemble(1, s).parameters(), shared.parameters()):
+            assert torch.equal(x[0], y[s])
+
+
+@pytest.fixture(scope="module")
+def independent(tmp_path_factory):
+    out = tmp_path_factory.mktemp("independent")
+    return out, compare(mini_config(out, "independent"), variants=["CoRe", "Adam"], epochs=4)
+
+
+def test_independent_seeds_each_train_their_own_run(independent):
+    """Every seed is a run of one member with its own data order and adaptive selection; the
+    comparison's seeds are those runs."""
+    out, result = independent
+    runs = [out / "runs" / "CoRe" / f"lr0.01-seed{s}" for s in range(2)]
+    infos = [json.loads((run / "run.json").read_text()) for run in runs]
+    assert [info["seeds"] for info in infos] == [{"ensemble": 0, "training": 0}, {"ensemble": 1, "training": 1}]
+    selections = [load_checked(run / "checkpoint_last.pt", "checkpoint")["selection"] for run in runs]
+    assert not torch.equal(selections[0]["weights"], selections[1]["weights"])
+    test = [json.loads((run / "metrics.json").read_text())["test"]["members"]["rmse_e"] for run in runs]
+    assert [len(t) for t in test] == [1, 1]
+    core = next(r for r in result.runs if r.variant == "CoRe")
+    assert core.final_e == pytest.approx((np.mean(test), np.std(np.ravel(test), ddof=1)))
+    assert len({r.initial_weights for r in result.runs}) == 1
+    assert not (out / "runs" / "CoRe" / "lr0.01").exists()

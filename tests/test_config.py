@@ -17,6 +17,7 @@ from lmlp.config import (
     dump_config,
     load_config,
 )
+from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -36,7 +37,7 @@ def test_shipped_full_config_is_the_published_protocol():
     assert cfg.ensemble.members == 10 and cfg.selection.fit_fraction == 0.1
     assert cfg.training.epochs == 2000
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.params) == ("core", 1e-2, {"p_frozen": 0.1})
-    assert cfg.descriptor.n_functions() == 132 and cfg.descriptor.cutoff == 12.0
+    assert SymmetryFunctions.from_config(cfg.descriptor).n_functions == 132 and cfg.descriptor.cutoff == 12.0
     assert (cfg.training.steps_per_epoch, cfg.training.validation_every) == (2, 5)
     assert cfg.descriptor == DescriptorConfig()  # configs that leave it out get the same descriptor
     for name in ("sn2-fcl.yaml", "sn2-continued.yaml"):
@@ -52,17 +53,22 @@ def test_shipped_quick_config_loads():
 
 
 def test_default_descriptor_has_72_radial_and_60_angular_functions():
-    d = DescriptorConfig()
-    assert len(d.radial_types) * len(d.radial_eta) == 72
-    assert d.n_functions() == 132
-    assert DescriptorConfig(angular_types=[0], angular_pair_weights=["difference"]).n_functions() == 72
+    sf = SymmetryFunctions.from_config(DescriptorConfig())
+    assert (sf.n_radial, sf.n_functions) == (72, 132)
 
 
 def test_plain_acsf_count_depends_on_elements():
     d = DescriptorConfig(kind="acsf")
-    assert d.n_functions(n_elements=2) == 24 * 2 + 12 * 3
-    with pytest.raises(ValueError):
-        d.n_functions()
+    assert SymmetryFunctions.from_config(d, [1, 6]).n_functions == 24 * 2 + 12 * 3
+
+
+def test_a_descriptor_that_cannot_be_built_is_rejected():
+    """Type 0 has no "difference" pair weight: no angular kind is left, and SymmetryFunctions
+    cannot be built, so the config must not pass."""
+    message = rejected({"descriptor": {"angular_types": [0], "angular_pair_weights": ["difference"]}})
+    assert "x.yaml: descriptor: these parameters give no valid symmetry functions" in message
+    message = rejected({"descriptor": {"radial_eta": [], "radial_rs": [], "angular_eta": []}})
+    assert "x.yaml: descriptor: no symmetry functions" in message
 
 
 @pytest.mark.parametrize("cfg", [Config(), load_config(CONFIGS / "sn2.yaml")])
@@ -234,3 +240,25 @@ def test_arbitrary_data_gives_config_or_config_error(data):
         assert isinstance(config_from_dict(data, "h.yaml"), Config)
     except ConfigError as exc:
         assert "\n" not in str(exc) and str(exc).startswith("h.yaml: ")
+
+
+def test_names_and_defaults_come_from_their_one_source():
+    """Optimizer and activation names are those of the registries, and evaluate_model's loss
+    weights the training defaults: a change there reaches the config and the API."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import inspect, lmlp.model, lmlp.optim",
+        "lmlp.model.ACTIVATION_CODES['gelu'] = 99",
+        "lmlp.optim.OPTIMIZERS = (*lmlp.optim.OPTIMIZERS, 'lion')",
+        "import lmlp.config",
+        "cfg = lmlp.config.config_from_dict({'model': {'activation': 'gelu'}, 'optimizer': {'name': 'lion'}})",
+        "lmlp.config.TrainingConfig.energy_weight = 3.0",
+        "import lmlp.metrics",
+        "print(cfg.model.activation, cfg.optimizer.name,",
+        "      inspect.signature(lmlp.metrics.evaluate_model).parameters['q'].default)",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["gelu", "lion", "3.0"]

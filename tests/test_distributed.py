@@ -17,7 +17,7 @@ from lmlp.config import load_config
 from lmlp.distributed import Workers
 from lmlp.errors import LmlpError
 from lmlp.integrity import load_checked, previous_path
-from lmlp.training import train
+from lmlp.train import train
 
 CONFIG = {
     "name": "dist",

@@ -14,12 +14,11 @@ from lmlp.calculator import LMLPCalculator, UncertaintyThresholds
 from lmlp.config import DescriptorConfig, config_from_dict
 from lmlp.data import read_structures
 from lmlp.descriptors import Standardizer, SymmetryFunctions
-from lmlp.errors import LmlpError
-from lmlp.md import UncertaintyMonitor, label_flagged, run_md
+from lmlp.md import UncertaintyMonitor, run_md
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
 from lmlp.modelfile import save_model
 from lmlp.reference.sn2 import BOND, COMPLEX
-from lmlp.training import train
+from lmlp.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::lmlp.calculator.TooCloseWarning")
 """The untrained potential of these tests lets atoms come closer than the training data's closest
@@ -209,35 +208,6 @@ def test_cli_md_bad_input_is_one_line(tmp_path, monkeypatch, capsys, model_file,
     assert code == 1
     assert err == f"lmlp: error: {message}\n"
     assert not (tmp_path / "md.traj").exists()
-
-
-def test_cli_data_label_with_gfn2_xtb(tmp_path):
-    s, _ = read_structures(TINY)
-    images = [s.atoms(i) for i in (0, 100)]
-    for atoms in images:
-        atoms.calc = None  # as flagged by lmlp md: positions, charge and label
-        del atoms.info["split"]
-    ase.io.write(tmp_path / "flagged.xyz", images, format="extxyz")
-    result = subprocess.run(
-        [sys.executable, "-m", "lmlp", "data", "label", str(tmp_path / "flagged.xyz"),
-         "--out", str(tmp_path / "new.h5"), "--test-fraction", "0.5"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "wrote 2 structures labelled with GFN2-xTB" in result.stdout
-    labelled, _ = read_structures(tmp_path / "new.h5")
-    assert labelled.attrs["method"] == "GFN2-xTB" and labelled.attrs["program"] == "tblite"
-    assert "lmlp data label" in labelled.attrs["command"]
-    assert sorted(len(v) for v in labelled.split.values()) == [1, 1]
-    assert labelled.label.tolist() == [s.label[0], s.label[100]]
-    np.testing.assert_allclose(labelled.energy, s.energy[[0, 100]], atol=1e-4)
-    np.testing.assert_allclose(labelled.forces, s.forces[np.r_[0:6, 600:606]], atol=1e-3)
-
-
-def test_label_needs_a_charge_for_structures_without_one(tmp_path):
-    ase.io.write(tmp_path / "plain.xyz", Atoms("CH3Cl", positions=np.random.default_rng(0).normal(size=(5, 3))))
-    with pytest.raises(LmlpError, match=r"structure 0 has no charge in its info; give the total charge"):
-        label_flagged(tmp_path / "plain.xyz", tmp_path / "new.h5")
-    assert not (tmp_path / "new.h5").exists()
 
 
 @pytest.fixture(scope="module")

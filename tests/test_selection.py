@@ -48,8 +48,30 @@ def test_new_structures_enter_high_and_outliers_are_reported():
     idx = torch.tensor([1, 3, 4])
     losses = [[50.0, 5.0, 50.0], [50.0, 50.0, 5.0], [50.0, 50.0, 50.0], [50.0, 50.0, 50.0], [50.0, 50.0, 50.0]]
     reported = [sel.update(idx, torch.tensor(row), reference=1.0).tolist() for row in losses]
-    # three extreme losses in a row, reported once; an ordinary loss restarts the count
+    # three extreme losses in a row that do not fall, reported once; an ordinary loss restarts the count
     assert reported == [[], [], [1], [3], [4]]
+
+
+def test_a_new_structure_being_learnt_is_no_outlier():
+    """A new structure (p_new, fitted every epoch) starts far above the training loss level: its
+    extreme loss falls while it is learnt, which is not the mark of bad reference data."""
+    cfg = SelectionConfig(p_new=10.0, outlier_epochs=3, outlier_factor=10.0)
+    sel = DataSelection(cfg, 2, seed=0)
+    sel.add(1)
+    idx = torch.tensor([0, 2])
+    learnt = [400.0, 200.0, 100.0, 60.0, 40.0, 20.0, 12.0, 5.0]
+    reported = [sel.update(idx, torch.tensor([1.0, loss]), reference=1.0).tolist() for loss in learnt]
+    assert reported == [[]] * len(learnt)
+
+
+def test_an_extreme_loss_that_stops_falling_is_reported():
+    cfg = SelectionConfig(outlier_epochs=3, outlier_factor=10.0)
+    sel = DataSelection(cfg, 1, seed=0)
+    idx = torch.tensor([0])
+    # falls over fits 1-3 (count restarts at fit 3), then stays: fits 3-5 do not fall
+    losses = [400.0, 300.0, 200.0, 250.0, 200.0, 210.0, 220.0]
+    reported = [sel.update(idx, torch.tensor([loss]), reference=1.0).tolist() for loss in losses]
+    assert reported == [[], [], [], [], [0], [], []]
 
 
 def test_state_round_trip_continues_the_same_stream():
@@ -73,3 +95,13 @@ def test_carry_over_keeps_known_structures_and_enters_new_ones_high():
     later.carry_over(earlier.state_dict(), torch.tensor([2, -1, 0, -1]))
     assert later.weights.tolist() == [earlier.weights[2].item(), 10.0, earlier.weights[0].item(), 10.0]
     assert torch.equal(later.generator.get_state(), earlier.generator.get_state())
+
+
+def test_a_state_of_earlier_lmlp_without_streak_starts_loads():
+    sel = DataSelection(SelectionConfig(outlier_epochs=2, outlier_factor=10.0), 3, seed=0)
+    sel.update(torch.tensor([0, 1]), torch.tensor([50.0, 1.0]), reference=1.0)
+    state = sel.state_dict()
+    del state["streak_start"]
+    other = DataSelection(SelectionConfig(outlier_epochs=2, outlier_factor=10.0), 3, seed=0)
+    other.load_state_dict(state)
+    assert other.update(torch.tensor([0]), torch.tensor([20.0]), reference=1.0).tolist() == [0]

@@ -53,10 +53,10 @@ from lmlp.data.validate import Problem, check_offsets, validate
 from lmlp.elements import symbol
 from lmlp.errors import DataError, LmlpError
 from lmlp.fileio import atomic_path
+from lmlp.units import DATA_UNITS as UNITS
 
 FORMAT = "lmlp.structures"
 FORMAT_VERSION = 1
-UNITS = {"energy_unit": "eV", "length_unit": "Angstrom", "force_unit": "eV/Angstrom", "charge_unit": "e"}
 _ROWS_PER_READ = 1 << 16
 
 

@@ -2,5 +2,6 @@
 
 from lmlp.optim.core import CoRe
 from lmlp.optim.registry import OPTIMIZERS, build_optimizer
+from lmlp.optim.scaling import scale_step_sizes
 
-__all__ = ["OPTIMIZERS", "CoRe", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "CoRe", "build_optimizer", "scale_step_sizes"]

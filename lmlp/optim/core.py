@@ -343,12 +343,17 @@ class _Layout:
 
     def plasticity(self) -> Tensor:
         """(n_active,) plasticity factors P: 0 where a score is ≥ 0.999999 × the n_frozen-th
-        largest score of its freezing group, else 1 (in the parameters' dtype)."""
+        largest score of its freezing group, else 1 (in the parameters' dtype).
+
+        As in the reference, the threshold is computed in float64 and then rounded to the scores'
+        dtype (in float32 the product taken in float32 can round to the neighbouring value).
+        """
         score, plasticity = self.state["score"], self.work["plasticity"]
         for b in self.buckets:
             rows = score[b.start : b.stop].view(-1, b.size)
             kth = torch.topk(rows, b.n_frozen, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-            torch.lt(rows, kth * FREEZE_TOLERANCE, out=plasticity[b.start : b.stop].view(-1, b.size))
+            threshold = (kth.to(torch.float64) * FREEZE_TOLERANCE).to(rows.dtype)
+            torch.lt(rows, threshold, out=plasticity[b.start : b.stop].view(-1, b.size))
         return plasticity[: self.n_active]
 
 

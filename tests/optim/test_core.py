@@ -16,6 +16,7 @@ reference = pytest.importorskip("core_optimizer")
 
 STEPS = 520
 TOLERANCE = {"rtol": 1e-12, "atol": 1e-14}
+TOLERANCE_32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,16 +28,28 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _mlp() -> torch.nn.Sequential:
-    """3 → 8 → 1 tanh network, 41 float64 weights, fixed initialisation."""
+def _mlp(dtype: torch.dtype = torch.float64) -> torch.nn.Sequential:
+    """3 → 8 → 1 tanh network, 41 weights of ``dtype``, fixed initialisation."""
     torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
+def _data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic regression data: x (64, 3), y = Σ sin x (64, 1)."""
-    x = torch.linspace(-2.0, 2.0, 192, dtype=torch.float64).reshape(64, 3).roll(7)
+    x = torch.linspace(-2.0, 2.0, 192, dtype=dtype).reshape(64, 3).roll(7)
     return x, torch.sin(3.0 * x).sum(dim=1, keepdim=True)
+
+
+def _fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> torch.Tensor:
+    """(steps, n) flattened parameters after every step of a mean-squared-error fit of ``_data``."""
+    x, y = _data(next(model.parameters()).dtype)
+    out = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        out.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return torch.stack(out)
 
 
 def _trajectory(
@@ -44,11 +57,12 @@ def _trajectory(
     groups: Callable[[torch.nn.Module], list],
     steps: int = STEPS,
     drop_grad: Callable[[int, list[torch.Tensor]], None] | None = None,
+    dtype: torch.dtype = torch.float64,
     **kwargs,
 ) -> tuple[torch.Tensor, list[dict]]:
     """(steps, 41) flattened parameters after every step of a mean-squared-error fit, and the
     final optimizer state of each parameter."""
-    model, (x, y) = _mlp(), _data()
+    model, (x, y) = _mlp(dtype), _data(dtype)
     optimizer = optimizer_cls(groups(model), **kwargs)
     params = list(model.parameters())
     out = []
@@ -81,11 +95,11 @@ def _two_groups(model: torch.nn.Module) -> list:
     ]
 
 
-def _assert_same(groups: Callable[[torch.nn.Module], list], **kwargs) -> torch.Tensor:
+def _assert_same(groups: Callable[[torch.nn.Module], list], tolerance: dict = TOLERANCE, **kwargs) -> torch.Tensor:
     ours, our_state = _trajectory(CoRe, groups, **kwargs)
     theirs, their_state = _trajectory(reference.CoRe, groups, **kwargs)
-    assert_close(ours, theirs, **TOLERANCE)
-    assert_close(our_state, their_state, **TOLERANCE)
+    assert_close(ours, theirs, **tolerance)
+    assert_close(our_state, their_state, **tolerance)
     return ours
 
 
@@ -101,6 +115,43 @@ def test_matches_reference_with_active_freezing() -> None:
     frozen_per_step = unchanged[t_hist:].sum(dim=1)
     # int(0.1 × numel) per tensor: 2 of 24 + 0 of 8 + 0 of 8 + 0 of 1 weights, at least
     assert (frozen_per_step >= 2).all()
+
+
+def test_matches_reference_in_float32_with_active_freezing() -> None:
+    trajectory = _assert_same(_one_group, TOLERANCE_32, dtype=torch.float32, score_history=50, frozen=0.1)
+    assert trajectory.dtype == torch.float32 and (trajectory[51:] == trajectory[50:-1]).any()
+
+
+def _threshold_between_roundings() -> tuple[float, float]:
+    """A float32 score K whose freezing threshold 0.999999 K, rounded to float32, differs when
+    the product is taken in float64 (as the reference does) and in float32; K and the lower of
+    the two thresholds."""
+    k = torch.linspace(0.01, 0.02, 100_001, dtype=torch.float32)
+    in_float64 = (k.double() * 0.999999).float()
+    in_float32 = k * torch.tensor(0.999999, dtype=torch.float32)
+    first = int(torch.nonzero(in_float64 != in_float32)[0])
+    return float(k[first]), float(torch.minimum(in_float64, in_float32)[first])
+
+
+def test_float32_freezing_threshold_is_taken_in_float64_as_the_reference_does() -> None:
+    """A score between the float32 and float64 roundings of 0.999999 × the n_frozen-th largest
+    score is frozen exactly when the reference freezes it; then 520 float32 steps agree."""
+    t_hist, frozen = 5, 0.125  # n_frozen = 3 of the 24 first-layer weights
+    models = [_mlp(torch.float32), _mlp(torch.float32)]
+    first = reference.CoRe(models[0].parameters(), score_history=t_hist, frozen=frozen)
+    _fit(models[0], first, 1)
+    k, between = _threshold_between_roundings()
+    generator = torch.Generator().manual_seed(0)
+    for p in models[0].parameters():
+        state = first.state[p]
+        state["step"] = t_hist
+        state["score"] = torch.rand(p.shape, generator=generator).mul_(0.5 * k)
+    first.state[models[0][0].weight]["score"].view(-1)[:5] = torch.tensor([4 * k, 2 * k, k, between, 0.9 * k])
+    models[1].load_state_dict(models[0].state_dict())
+    ours = CoRe(models[1].parameters(), score_history=t_hist, frozen=frozen)
+    ours.load_state_dict(copy.deepcopy(first.state_dict()))
+    theirs, mine = _fit(models[0], first, STEPS), _fit(models[1], ours, STEPS)
+    assert_close(mine, theirs, **TOLERANCE_32)
 
 
 def test_matches_reference_with_two_groups() -> None:

@@ -1,0 +1,74 @@
+"""Continual learning: a trained model continues on a grown data set."""
+
+import json
+
+import numpy as np
+import pytest
+from factories import TINY, assert_same_weights, crash_at, tiny_config
+
+from lmlp.config import config_from_dict
+from lmlp.data import read_structures
+from lmlp.errors import LmlpError
+from lmlp.metrics import evaluate_model
+from lmlp.modelfile import load_model
+from lmlp.train import train
+from lmlp.train.continual import EARLIER
+
+F_CL = ["F+CH3F", "F+CH3Cl", "Cl+CH3F", "Cl+CH3Cl"]
+
+
+@pytest.fixture(scope="module")
+def continued(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continual")
+    first = train(tiny_config(root / "fcl", reactions=F_CL, epochs=40))
+    second = train(tiny_config(root / "all", epochs=40), continue_from=first.run_dir / "model.pt")
+    return first, second
+
+
+def evaluate_on(model_path, structures):
+    model, _ = load_model(model_path)
+    return evaluate_model(model, structures)
+
+
+def test_continual_learning_adds_reactions_without_forgetting_the_old_ones(continued):
+    first, second = continued
+    report = second.continual
+    test_set = read_structures(TINY)[0].split_subset("test")
+    assert set(report) == set(test_set.label.tolist()) | {EARLIER}
+    old = test_set.subset(np.flatnonzero(np.isin(test_set.label, F_CL)))
+    before = evaluate_on(first.run_dir / "model.pt", old)
+    after = evaluate_on(second.run_dir / "model.pt", old)
+    for label, r in report.items():
+        if label in F_CL:
+            assert r["before"] == pytest.approx(before[label].ensemble, rel=1e-5)
+            assert r["after"] == pytest.approx(after[label].ensemble, rel=1e-5)
+        elif "Br" in label or "I" in label:
+            assert r["before"] is None and r["after"]["rmse_f"] > 0
+    assert report[EARLIER] == {"before": pytest.approx(before["all"].ensemble, rel=1e-5),
+                               "after": pytest.approx(after["all"].ensemble, rel=1e-5)}
+    assert after["all"].ensemble["rmse_f"] < 1.2 * before["all"].ensemble["rmse_f"]
+    assert after["all"].ensemble["rmse_e"] < 2.0 * before["all"].ensemble["rmse_e"]
+    model, _ = load_model(second.run_dir / "model.pt")
+    assert model.elements.tolist() == [1, 6, 9, 17, 35, 53]
+    assert "continual" in json.loads((second.run_dir / "metrics.json").read_text())
+    log = (second.run_dir / "train.log").read_text()
+    assert "known and" in log and "before → after" in log
+
+
+def test_continued_run_resumes_exactly(continued, tmp_path, monkeypatch):
+    first, second = continued
+    cfg = tiny_config(tmp_path / "again", epochs=40, checkpoint_every=10)
+    undo = crash_at(monkeypatch, 25)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, continue_from=first.run_dir / "model.pt")
+    undo()
+    resumed = train(cfg, resume=True)
+    assert_same_weights(second.run_dir / "model.pt", resumed.run_dir / "model.pt")
+
+
+def test_continuing_with_another_architecture_is_refused(continued, tmp_path):
+    first, _ = continued
+    cfg = config_from_dict({"data": {"path": str(TINY)}, "ensemble": {"members": 3}, "model": {"hidden": [8]},
+                            "output": {"run_dir": str(tmp_path / "x"), "progress": False}})
+    with pytest.raises(LmlpError, match=r"hidden = \[16, 16\], the config asks for \[8\]"):
+        train(cfg, continue_from=first.run_dir / "model.pt")
