@@ -32,7 +32,7 @@ from lmlp.fileio import atomic_write_text
 from lmlp.metrics import model_batch
 from lmlp.modelfile import load_model
 from lmlp.reference.sn2 import INDEPENDENT_PARTS
-from lmlp.training import format_table, train
+from lmlp.train import format_table, train
 from lmlp.uncertainty import structure_errors
 
 BASE = Path("benchmarks/accuracy_base.yaml")
@@ -61,7 +61,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "angular6": {**PROTOCOL, "descriptor.angular_cutoff": 6.0},
     "angular6_zeta16": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "descriptor.angular_zeta": [1.0, 4.0, 16.0]},
     "angular6_forces2": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "training.force_weight": 2.0},
-    "angular6_displaced1500": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "data.path": "/tmp/sn2_displaced1500.h5",
+    "angular6_displaced1500": {**PROTOCOL, "descriptor.angular_cutoff": 6.0, "data.path": "data/sn2_gfn2xtb_augmented.h5",
                                "selection.fit_fraction": 0.0828},
 }
 """Experiment name: overrides of ``BASE`` (dotted key: value)."""

@@ -34,7 +34,8 @@ def rejected(data, source: str = "x.yaml") -> str:
 
 def test_shipped_full_config_is_the_published_protocol():
     cfg = load_config(CONFIGS / "sn2.yaml")
-    assert cfg.ensemble.members == 10 and cfg.selection.fit_fraction == 0.1
+    assert cfg.ensemble.members == 10 and cfg.selection.fit_fraction == 0.0828  # 720 of 8704 structures
+    assert cfg.data.path == "data/sn2_gfn2xtb_augmented.h5"
     assert cfg.training.epochs == 2000
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.params) == ("core", 1e-2, {"p_frozen": 0.1})
     assert SymmetryFunctions.from_config(cfg.descriptor).n_functions == 132 and cfg.descriptor.cutoff == 12.0
@@ -67,6 +68,7 @@ def test_a_descriptor_that_cannot_be_built_is_rejected():
     cannot be built, so the config must not pass."""
     message = rejected({"descriptor": {"angular_types": [0], "angular_pair_weights": ["difference"]}})
     assert "x.yaml: descriptor: these parameters give no valid symmetry functions" in message
+    assert '"difference" is left out for type 0' in message
     message = rejected({"descriptor": {"radial_eta": [], "radial_rs": [], "angular_eta": []}})
     assert "x.yaml: descriptor: no symmetry functions" in message
 
