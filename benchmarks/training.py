@@ -25,7 +25,7 @@ from lmlp.optim import build_optimizer
 from lmlp.selection import DataSelection
 from lmlp.batch import chunks, compute_batch, predict
 from lmlp.metrics import evaluate, member_losses
-from lmlp.training import build_model
+from lmlp.train import build_model
 
 
 def main() -> None:

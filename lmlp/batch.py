@@ -1,4 +1,4 @@
-"""Cached descriptors of a structure set, ready for the model (spec §4: computed once, not per epoch).
+"""Cached descriptors of a structure set, ready for the model (computed once, not per epoch).
 
 A ``Batch`` holds the descriptors G and dG/dR of every atom with the reference labels; ``select``
 takes whole structures out of it, ``chunks`` cuts it for evaluation. Energies eV, forces eV/Å.

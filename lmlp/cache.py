@@ -1,6 +1,6 @@
 """Descriptor caches for training: all in memory, or on disk for data larger than memory.
 
-Both hold the descriptors G and dG/dR of a structure set (computed once, spec §4) and hand them
+Both hold the descriptors G and dG/dR of a structure set (computed once) and hand them
 out as ``Batch`` pieces: ``select(indices)`` for the structures fitted in an epoch, and all of
 them for evaluation, by iterating over the cache. ``MemoryCache`` keeps one ``Batch`` (fast; the
 default). ``DiskCache`` keeps only the labels in memory; the descriptors live in an HDF5 file and are read per epoch for the

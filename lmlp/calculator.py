@@ -43,10 +43,10 @@ from lmlp.model import ACTIVATION_CODES, HDNNPEnsemble
 
 ENERGY_FACTOR = 2.0
 """Default energy threshold: the ensemble energy standard deviation per atom above this × the mean
-member test RMSE of the energy per atom."""
+member validation RMSE of the energy per atom (of the model file; test RMSE for files without)."""
 FORCE_FACTOR = 5.0
 """Default force threshold: the largest force-component standard deviation above this × the mean
-member test RMSE of the force components.
+member validation RMSE of the force components (of the model file; test RMSE for files without).
 
 On the test structures of the two SN2 models trained here (10 members 25-25, 4 members 16-16),
 99 % have ratios below 1.8 (energy) and 3.6 (forces), 99.9 % below 2.4 and 4.4–7.3: in-distribution
@@ -72,7 +72,7 @@ class UncertaintyThresholds:
 
     Attributes:
         energy_per_atom: threshold of the ensemble energy standard deviation divided by the number
-            of atoms, eV/atom (the test RMSE it derives from is per atom too).
+            of atoms, eV/atom (the validation RMSE it derives from is per atom too).
         forces: threshold of the largest standard deviation of a force component, eV/Å.
     """
 

@@ -334,10 +334,10 @@ def md_command(
     max_flagged: Annotated[int, typer.Option(help="At most this many flagged structures.")] = 100,
     flag_interval: Annotated[int, typer.Option(help="At least this many steps between two flagged structures.")] = 10,
     energy_factor: Annotated[Optional[float], typer.Option(
-        help="Energy threshold: per-atom energy std above this x the model's mean test RMSE, meV/atom "
+        help="Energy threshold: per-atom energy std above this x the model's mean member validation RMSE, meV/atom "
              "(default: lmlp.calculator.ENERGY_FACTOR).")] = None,
     force_factor: Annotated[Optional[float], typer.Option(
-        help="Force threshold: largest force-component std above this x the mean test force RMSE "
+        help="Force threshold: largest force-component std above this x the mean member validation force RMSE "
              "(default: lmlp.calculator.FORCE_FACTOR).")] = None,
     min_distance: Annotated[Optional[float], typer.Option(
         help="Closest interatomic distance of the training data, Å (default: the model file's, if stored); "

@@ -1,4 +1,4 @@
-"""The optimizer comparison of the seed paper (§3) as a command: ``lmlp compare`` (spec §8).
+"""The optimizer comparison of the CoRe paper (§3) as a command: ``lmlp compare`` (docs/method.md: optimizer comparison).
 
 Every variant (a named optimizer setting, ``compare.variants``) trains the same lMLP under
 identical conditions: the same data split, selection mode, epoch budget and initial weights. Seed s
@@ -61,7 +61,7 @@ TASKS = ("E", "F")
 def accuracy_scores(
     errors: np.ndarray, uncertainties: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy scores of the seed paper, Eqs. 19–22.
+    """Accuracy scores of the CoRe paper, Eqs. 19–22.
 
     Args:
         errors: (K, T) final test error of optimizer k in task i.
@@ -366,6 +366,6 @@ def format_comparison(c: Comparison, grid: bool = False) -> str:
             f"| {s.smooth_f[0]:.1f} ± {s.smooth_f[1]:.1f} | {s.seconds_per_epoch:.3f} | {reach} |")
     lines += ["", "RMSE E in meV/atom, F in meV/Å. final: test split, each seed at its early-stopping epoch "
               "(chosen on the validation split); smooth: validation split, all seeds at every seed's best epoch. "
-              "Accuracy scores (seed paper Eqs. 19–22) from the smooth errors; epochs to target on the validation "
+              "Accuracy scores (CoRe paper Eqs. 19–22) from the smooth errors; epochs to target on the validation "
               "split." + (" lr: the value of the grid with the lowest validation loss." if grid else "")]
     return "\n".join(lines)

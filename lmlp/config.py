@@ -45,7 +45,7 @@ from lmlp.model import ACTIVATION_CODES
 from lmlp.optim import OPTIMIZERS
 
 OptimizerName = Literal[OPTIMIZERS]
-"""The ten optimizers of the CoRe benchmark (spec §8): the names of ``lmlp.optim.registry``."""
+"""The ten optimizers of the CoRe benchmark (docs/method.md: optimizer comparison): the names of ``lmlp.optim.registry``."""
 
 ActivationName = Literal[tuple(ACTIVATION_CODES)]
 """Hidden-layer activations: the names of ``lmlp.model.ACTIVATIONS``."""
@@ -82,7 +82,7 @@ def _got(path: str, value: Any, expected: str) -> _Invalid:
 
 @dataclass
 class DescriptorConfig:
-    """Element-embracing atom-centred symmetry functions (spec §1). Lengths in Å, η in Å⁻².
+    """Element-embracing atom-centred symmetry functions (docs/method.md: element-embracing symmetry functions). Lengths in Å, η in Å⁻².
 
     Radial functions: one per (type, (η, r_s) pair). Angular functions: one per (type, pair
     weight, η, λ, ζ), except that type 0 has no "difference" kind (it equals "sum").
@@ -144,7 +144,7 @@ class DescriptorConfig:
 
 @dataclass
 class ModelConfig:
-    """Atomic neural networks, one per element (spec §2)."""
+    """Atomic neural networks, one per element (docs/method.md: the HDNNP ensemble)."""
 
     hidden: list[int] = _field([25, 25], ge=1)
     """Neurons per hidden layer."""
@@ -154,7 +154,7 @@ class ModelConfig:
 
 @dataclass
 class EnsembleConfig:
-    """Ensemble of independently initialised HDNNPs (spec §3)."""
+    """Ensemble of independently initialised HDNNPs (docs/method.md: the HDNNP ensemble)."""
 
     members: int = _field(10, ge=1)
     """Number of HDNNPs M."""
@@ -164,7 +164,7 @@ class EnsembleConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizer (spec §5, §8)."""
+    """Optimizer (docs/method.md: CoRe optimizer, optimizer comparison)."""
 
     name: OptimizerName = "core"
     """One of the ten benchmarked optimizers."""
@@ -176,7 +176,7 @@ class OptimizerConfig:
 
 @dataclass
 class SelectionConfig:
-    """Lifelong adaptive data selection (spec §6). Weights are dimensionless."""
+    """Lifelong adaptive data selection (docs/method.md: lifelong adaptive data selection). Weights are dimensionless."""
 
     mode: Literal["adaptive", "random"] = "adaptive"
     """Draw structures with probability ∝ selection weight ("adaptive") or uniformly ("random", baseline)."""
@@ -195,13 +195,13 @@ class SelectionConfig:
     lower_factor: float = _field(0.8, gt=0, lt=1)
     """Weight factor for a fitted structure whose loss is at or below the threshold."""
     error_threshold: float = _field(1.0, gt=0)
-    """Threshold as a multiple of the current mean training loss."""
+    """Threshold as a multiple of the mean loss of this epoch's fitted structures."""
     outlier_epochs: int = _field(10, ge=1)
     """Consecutive fits above ``outlier_factor`` × the training loss, without the structure's loss
     falling over them, after which it is reported as a likely outlier (bad reference data); a
     falling loss (a structure still being learnt, e.g. a new one) starts the count again."""
     outlier_factor: float = _field(25.0, gt=1)
-    """Loss multiple (of the current mean training loss) that counts as an extreme error."""
+    """Loss multiple (of the mean loss of this epoch's fitted structures) that counts as an extreme error."""
 
     def validate(self) -> None:
         """p_min ≤ p_init ≤ p_max and p_min ≤ p_new ≤ p_max."""
@@ -213,7 +213,7 @@ class SelectionConfig:
 
 @dataclass
 class TrainingConfig:
-    """Training loop and loss (spec §4)."""
+    """Training loop and loss (docs/method.md: loss and error metrics, one training epoch)."""
 
     epochs: int = _field(2000, ge=1)
     """Number of epochs."""
@@ -248,7 +248,7 @@ class TrainingConfig:
     larger than memory (HDF5 files in the run directory, read per epoch for the selected
     structures in blocks; memory stays bounded, see ``lmlp.cache``)."""
     on_divergence: Literal["lower_step", "stop"] = "lower_step"
-    """A non-finite loss, gradient or test metric: the epoch is undone (weights, optimizer and
+    """A non-finite loss, gradient or training/validation metric: the epoch is undone (weights, optimizer and
     selection state of the previous epoch restored) and either retried with every step size and
     learning rate × ``divergence_factor`` ("lower_step") or the run stops with an error ("stop")."""
     divergence_factor: float = _field(0.5, gt=0, lt=1)
@@ -293,7 +293,7 @@ class OutputConfig:
 
 @dataclass
 class VariantConfig:
-    """One optimizer setting of a comparison (spec §8): a name and an ``optimizer:`` section."""
+    """One optimizer setting of a comparison (docs/method.md: optimizer comparison): a name and an ``optimizer:`` section."""
 
     name: str = "core"
     """Label in tables and plots, e.g. "CoRe p_frozen=0.1"; also its run directory name."""
@@ -318,13 +318,13 @@ DEFAULT_VARIANTS: list[dict[str, Any]] = [
     {"name": "SGD", "optimizer": "sgd", "lr": 1e-1},
     {"name": "RPROP", "optimizer": "rprop", "lr": 1e-2},
 ]
-"""The ten optimizers of the seed paper plus CoRe with p_frozen = 0.1, PyTorch defaults but the
+"""The ten optimizers of the CoRe paper plus CoRe with p_frozen = 0.1, PyTorch defaults but the
 learning rate (a value in the paper's grid 1e-4 … 1 that suits a 10 % fit fraction)."""
 
 
 @dataclass
 class CompareConfig:
-    """The optimizer comparison ``lmlp compare`` runs (spec §8, seed paper §3)."""
+    """The optimizer comparison ``lmlp compare`` runs (docs/method.md: optimizer comparison; CoRe paper §3)."""
 
     variants: list[VariantConfig] = field(
         default_factory=lambda: [VariantConfig(**{**v, "params": dict(v.get("params", {}))}) for v in DEFAULT_VARIANTS]

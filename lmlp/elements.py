@@ -1,6 +1,6 @@
 """Elements lmlp supports (H to Xe, Z = 1..54) and their periodic-table properties.
 
-The eeACSF weights (spec §1) use, per element, the period ``n`` (1..5), the valence s+p
+The eeACSF weights (docs/method.md: element properties and weights) use, per element, the period ``n`` (1..5), the valence s+p
 electrons ``n_sp`` (1..8, He counts 8) and the d electrons ``n_d`` (0..10, 0 for main-group
 elements). Our choice for the transition metals: Aufbau (Madelung-rule) configurations, ns² (n−1)dᵏ,
 without the ground-state exceptions (Cr, Cu, Nb, Mo, Ru, Rh, Pd, Ag), so the properties change
@@ -16,7 +16,8 @@ from ase.data import chemical_symbols
 MAX_Z = 54
 
 WEIGHT_TYPE_MAX = np.array([1, 5, 8, 10, 5, 8, 10], dtype=np.float64)
-"""Maximum of h_t over H–Xe for the seven weight types t = 0..6."""
+"""Normalisers of h_t for the seven weight types t = 0..6: the maximum over H–Xe, except for t = 6,
+whose h_6 reaches 11 (kept at 10, so that models with type-6 weights keep their descriptors)."""
 
 
 def symbol(z: int) -> str:

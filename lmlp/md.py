@@ -1,6 +1,6 @@
 """Molecular dynamics with lMLP ensembles and uncertainty-driven active learning.
 
-``run_md`` runs NVE (velocity Verlet) or NVT (Langevin) MD with ASE and an ``LMLPCalculator``.
+``run_md`` runs NVE (velocity Verlet), NVT (Langevin) or NPT (MTK) MD with ASE and an ``LMLPCalculator``.
 ``UncertaintyMonitor``, attached to any ASE dynamics, appends the structures whose ensemble
 uncertainty exceeds the thresholds to an extxyz file; ``lmlp.labelling.label_file`` computes
 reference labels for them and writes an lmlp HDF5 file ready for (continued) training.

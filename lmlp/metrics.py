@@ -1,4 +1,4 @@
-"""Losses and error metrics of an ensemble (spec §4): per member and for the ensemble mean.
+"""Losses and error metrics of an ensemble (docs/method.md: loss and error metrics): per member and for the ensemble mean.
 
 Energies are compared per atom, forces per Cartesian component; reported in meV/atom and meV/Å.
 """
@@ -36,7 +36,7 @@ def member_losses(
     energies: torch.Tensor, forces: torch.Tensor, batch: Batch, q: float, w_f: float,
     totals: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss per member (M,) and loss per member and structure (M, S) (spec §4).
+    """Loss per member (M,) and loss per member and structure (M, S) (docs/method.md: loss and error metrics).
 
     ``totals`` (structures, atoms): ``batch`` is one piece of a larger set, and the loss is this
     piece's share of the set's loss (the pieces' losses add up to it).

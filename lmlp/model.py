@@ -1,4 +1,4 @@
-"""High-dimensional neural network potential ensembles (spec §2, §3).
+"""High-dimensional neural network potential ensembles (docs/method.md: the HDNNP ensemble, uncertainty).
 
 E_m(structure) = Σ_i NN_{m, Z_i}(G_i) + Σ_i E_ref(Z_i) for every ensemble member m. The M members
 are stacked: each element's network holds weights of shape (M, n_in, n_out), so all members are
@@ -16,7 +16,7 @@ import torch
 from lmlp.descriptors import CentreDerivatives, Standardizer, SymmetryFunctions
 
 SCALED_TANH = 1.59223
-"""1.59223·tanh(x) has output variance ≈ 1 for unit-normal input (spec §2)."""
+"""1.59223·tanh(x) has output variance ≈ 1 for unit-normal input (docs/method.md: the HDNNP ensemble)."""
 
 
 
@@ -171,7 +171,7 @@ class HDNNPEnsemble(torch.nn.Module):
     def add_elements(self, elements: list[int], reference_energies: torch.Tensor) -> list[StackedMLP]:
         """Append freshly initialised networks for new ``elements`` with E_ref (eV); return them.
 
-        Lifelong learning on data with new elements (spec §7): the known networks are untouched.
+        Lifelong learning on data with new elements (docs/method.md: continual learning): the known networks are untouched.
         """
         if set(elements) & set(self.elements.tolist()) or len(set(elements)) != len(elements):
             raise ValueError(f"elements {elements} are already known or repeated")

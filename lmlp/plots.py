@@ -64,7 +64,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_accuracy_scores(names: list[str], a: np.ndarray, da: np.ndarray, path: Path) -> None:
-    """Bar chart of the overall accuracy score A with its uncertainty ΔA (seed paper Fig. 4)."""
+    """Bar chart of the overall accuracy score A with its uncertainty ΔA (CoRe paper Fig. 4)."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 1.5), 4), constrained_layout=True)
     ax.bar(range(len(names)), a, yerr=da, capsize=4, color="tab:blue", alpha=0.8)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
@@ -74,7 +74,7 @@ def plot_accuracy_scores(names: list[str], a: np.ndarray, da: np.ndarray, path: 
 
 
 def plot_comparison_curves(curves: dict[str, tuple[list, list, list]], path: Path) -> None:
-    """Validation RMSE of E and F versus epoch, mean over seeds with a ± std band, per variant (seed paper Fig. 5).
+    """Validation RMSE of E and F versus epoch, mean over seeds with a ± std band, per variant (CoRe paper Fig. 5).
 
     ``curves`` maps a variant name to its validated epochs and the (E, F) lists of their (mean, std).
     """

@@ -1,10 +1,10 @@
-"""Lifelong adaptive data selection (lADS, spec §6).
+"""Lifelong adaptive data selection (lADS, docs/method.md: lifelong adaptive data selection).
 
 Every training structure s carries a selection weight p_s in [p_min, p_max]. Each epoch a fit
 fraction f of the structures is drawn without replacement with probability ∝ p_s ("adaptive") or
 uniformly ("random", the baseline). After the fit, a fitted structure's weight is multiplied by
 ``raise_factor`` where its loss exceeds ``error_threshold`` × the reference loss level (the
-current mean training loss), else by ``lower_factor``, and clipped to [p_min, p_max]. Weights
+mean loss of the epoch's fitted structures), else by ``lower_factor``, and clipped to [p_min, p_max]. Weights
 never reach 0, so old structures keep being rehearsed; structures added later enter with p_new.
 
 A structure whose loss exceeds ``outlier_factor`` × the reference level in ``outlier_epochs``

@@ -131,5 +131,6 @@ def test_a_cache_written_with_another_block_size_is_rebuilt(tmp_path, structures
     disk = DiskCache.open(path, structures, descriptor, torch.float64, log=messages.append)
     assert len(messages) == 2
     expected = Batch.cat(list(MemoryCache(compute_batch(structures, descriptor, torch.float64))))
-    torch.testing.assert_close(Batch.cat(list(disk)).G, expected.G, rtol=0, atol=0)
+    # other blocks sum the moments in another order (round-off); a stale cache's shifted rows differ by O(1)
+    torch.testing.assert_close(Batch.cat(list(disk)).G, expected.G, rtol=0, atol=1e-12)
     disk.close()

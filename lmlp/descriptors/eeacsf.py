@@ -1,4 +1,4 @@
-"""Element-embracing atom-centred symmetry functions (eeACSFs, spec §1) and plain ACSFs.
+"""Element-embracing atom-centred symmetry functions (eeACSFs, docs/method.md) and plain ACSFs.
 
 Both kinds share one computation: every pair (i, j) contributes radial terms times a neighbour
 weight vector w(Z_j) (T entries), every triple (i, j, k), j < k, contributes angular terms times a
@@ -389,6 +389,9 @@ def eeacsf_weights(
                 columns.append((np.abs(h[:, None, t] - h[None, :, t]) + 1) / WEIGHT_TYPE_MAX[t])
             elif kind != "difference":
                 raise ValueError(f"unknown pair weight {kind!r}")
+    if not columns:
+        raise ValueError(f"angular pair weights {list(pair_kinds)} of types {list(angular_types)} give no angular "
+                         f"functions (\"difference\" is left out for type 0, where it equals \"sum\")")
     return neighbor, np.stack(columns, axis=-1)
 
 

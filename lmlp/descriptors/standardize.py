@@ -28,7 +28,3 @@ class Standardizer(torch.nn.Module):
     def forward(self, G: torch.Tensor) -> torch.Tensor:
         """(N, F) standardised descriptors."""
         return (G - self.mean.to(G.dtype)) / self.std.to(G.dtype)
-
-    def scale_derivatives(self, values: torch.Tensor) -> torch.Tensor:
-        """dG'/dR from dG/dR values (M, F, 3)."""
-        return values / self.std.to(values.dtype)[None, :, None]

@@ -30,7 +30,7 @@ FREEZE_TOLERANCE = 0.999999
 
 
 class CoRe(torch.optim.Optimizer):
-    r"""Continual Resilient (CoRe) optimizer (seed paper Eqs. 1–8; ``core_optimizer.CoRe`` 1.1.0).
+    r"""Continual Resilient (CoRe) optimizer (CoRe paper Eqs. 1–8; ``core_optimizer.CoRe`` 1.1.0).
 
     Update of weight w in step t, with τ = t the weight's own update counter (Python int) and
     G = ∂L/∂w (negated if ``maximize``)::
@@ -69,7 +69,7 @@ class CoRe(torch.optim.Optimizer):
         member_dim: None (plain CoRe), or the dimension of each tensor that indexes independent
             ensemble members; freezing groups are then the slices along it.
 
-    Recommended (seed paper §4.1): betas (0.7375, 0.8125, 250, 0.99), eps 1e-8, etas
+    Recommended (CoRe paper §4.1): betas (0.7375, 0.8125, 250, 0.99), eps 1e-8, etas
     (0.7375, 1.2), step_sizes (1e-6, s_max), lr 1e-3, weight_decay 0.1, score_history 250.
 
     State per parameter (as the reference): ``step`` (int), ``prev_1`` g, ``prev_2`` h,

@@ -1,4 +1,4 @@
-"""The ten optimizers of the CoRe benchmark (seed paper §3, spec §8), built by name.
+"""The ten optimizers of the CoRe benchmark (CoRe paper §3; docs/method.md: optimizer comparison), built by name.
 
 Every optimizer keeps PyTorch's default hyperparameters except the learning rate (the paper's
 protocol). ``lr`` is the learning rate γ of SGD-type and adaptive optimizers and the maximal
@@ -50,7 +50,7 @@ S_MIN = 1e-6
 """Minimal step size of CoRe and RPROP (the defaults of both)."""
 
 T_HIST = 250
-"""Recommended CoRe score history, steps (spec §5)."""
+"""Recommended CoRe score history, steps (docs/method.md: CoRe optimizer)."""
 
 _REGISTRY: dict[str, _Entry] = {
     "core": _Entry(

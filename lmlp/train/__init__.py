@@ -1,4 +1,4 @@
-"""Training an HDNNP ensemble (spec §4, §6, §7), one module per concern:
+"""Training an HDNNP ensemble (docs/method.md: one training epoch, lifelong adaptive data selection, continual learning), one module per concern:
 
 - ``run``: ``train``, a run from a config end to end (set-up, resume, continue, final results);
 - ``trainer``: the epoch loop (``Trainer``), with ``epoch`` (one epoch of fitting),

@@ -74,7 +74,7 @@ class DivergenceGuard:
     def _diverged(self, epoch: int, retry: int, finite: np.ndarray) -> None:
         """Report a diverged epoch; ``LmlpError`` when the config says stop or the retries are used up."""
         t = self.cfg
-        what = (f"epoch {epoch}: non-finite loss, gradient or test error in member(s) "
+        what = (f"epoch {epoch}: non-finite loss, gradient or training/validation error in member(s) "
                 f"{', '.join(map(str, np.flatnonzero(~finite)))}")
         if t.on_divergence == "stop" or retry == t.divergence_retries:
             tried = "" if t.on_divergence == "stop" else f" after {retry} step-size reductions"

@@ -1,4 +1,4 @@
-"""``train``: one training run from a config, end to end (spec §4, §6, §7).
+"""``train``: one training run from a config, end to end (docs/method.md: one training epoch, lifelong adaptive data selection, continual learning).
 
 Per epoch (``Trainer``): lADS draws the structures to fit → one optimizer step per
 ``steps_per_epoch`` on the loss

@@ -29,7 +29,7 @@ def test_a_non_finite_loss_is_undone_and_retried_with_lower_step_sizes(tmp_path,
     nan_once(monkeypatch, at_call=5)
     result = train(tiny_config(tmp_path / "run", epochs=10, checkpoint_every=10))
     log = (result.run_dir / "train.log").read_text()
-    assert "epoch 5: non-finite loss, gradient or test error in member(s) 0, 1, 2: epoch undone, retried with " \
+    assert "epoch 5: non-finite loss, gradient or training/validation error in member(s) 0, 1, 2: epoch undone, retried with " \
            "step sizes × 0.5 (retry 1 of 5)" in log
     saved = load_checked(result.run_dir / "checkpoint_last.pt", "checkpoint")
     groups = saved["optimizer"]["param_groups"]
