@@ -262,7 +262,7 @@ def data_choose(
     chosen = candidates[choose_for_labelling(coverage_cells(part, bins), uncertainty, count, uncertain_share, seed)]
     header = (f"# {count} of the {len(candidates)} {split} structures of {source}: even over reactions x {bins} bins "
               f"of r(C-X) - r(C-Y), {uncertain_share:g} of each cell by decreasing force uncertainty of {model}, "
-              f"the rest at random (seed {seed})\n")
+              f"the rest at random (seed {seed}); in a random order, so that every first part is an even sample too\n")
     atomic_write_text(out, header + "\n".join(map(str, chosen)) + "\n")
     typer.echo(f"wrote {len(chosen)} structure indices to {out}")
 

@@ -120,7 +120,8 @@ def choose_for_labelling(
             ensemble agrees on, e.g. where all members are wrong alike).
         seed: seed of the random part.
 
-    Returns the chosen indices (n,), sorted.
+    Returns the chosen indices (n,) in a seeded random order, so that every first part of them is
+    an even sample too (labelling in that order ships usable partial sets, and nested subsets).
     """
     cells, uncertainty = np.asarray(cells), np.asarray(uncertainty, dtype=float)
     if not 0 < n <= len(cells) or not 0.0 <= uncertain_share <= 1.0:
@@ -144,7 +145,7 @@ def choose_for_labelling(
         k_uncertain = int(round(uncertain_share * quota[c]))
         rest = by_uncertainty[k_uncertain:]
         chosen += [by_uncertainty[:k_uncertain], rng.choice(rest, quota[c] - k_uncertain, replace=False)]
-    return np.sort(np.concatenate(chosen))
+    return rng.permutation(np.concatenate(chosen))
 
 
 def _settings_key(s: StructureSet, labeller: Labeller, indices: np.ndarray, chunk_size: int) -> str:
