@@ -308,7 +308,7 @@ def data_relabel(
         selection = f"indices from {indices.name}"
     report = relabel(source, out, labeller, chosen, chunk_size=chunk_size, workers=workers,
                      time_budget=None if time_budget is None else 60.0 * time_budget,
-                     selection=selection, progress=True)
+                     selection=selection, command=_command_line(), progress=True)
     typer.echo(f"{out}: {report.n_labelled} of {report.n_selected} structures labelled with {labeller.method} "
                f"({report.n_failed} failed SCFs, not stored); {report.chunks_done} of {report.chunks} chunks done"
                + ("" if report.complete else " - re-run the command to continue"))

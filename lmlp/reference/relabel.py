@@ -55,7 +55,8 @@ class _Chunk:
 
 def relabel(
     source: Path, out: Path, labeller: Labeller, indices: np.ndarray | None = None, chunk_size: int = 20,
-    workers: int = 1, time_budget: float | None = None, selection: str = "", progress: bool = False,
+    workers: int = 1, time_budget: float | None = None, selection: str = "", command: str = "",
+    progress: bool = False,
 ) -> RelabelReport:
     """Label structures ``indices`` (default all) of the lmlp HDF5 file ``source`` with ``labeller``.
 
@@ -68,7 +69,7 @@ def relabel(
         workers: processes labelling chunks at once.
         time_budget: seconds after which no further chunk is started (each call finishes at least
             one chunk, with one worker; None: run to the end).
-        selection: how ``indices`` were chosen, stored as provenance.
+        selection: how ``indices`` were chosen, stored as provenance (as is ``command``).
         progress: a line on stderr per finished chunk.
 
     A restarted run must use the same source, method and indices (checked via a settings hash).
@@ -95,6 +96,7 @@ def relabel(
     complete = len(finished) == len(chunks)
     if labelled:
         merged = _merged(s, labelled, finished, labeller, selection, len(indices), complete)
+        merged.attrs["command"] = command
         write_structures(out, merged)
     if complete:
         for c in chunks:

@@ -105,6 +105,7 @@ def test_cli_relabels_a_split_and_explains_bad_input(tmp_path):
     s, tiny = read_structures(out)[0], read_structures(TINY)[0]
     np.testing.assert_allclose(s.energy, tiny.energy[tiny.split["validation"]], atol=1e-6)
     assert list(s.split["validation"]) == list(range(24)) and s.attrs["selection"] == "split validation"
+    assert s.attrs["command"].startswith("lmlp")  # the command line (pytest's under CliRunner)
     (tmp_path / "idx.txt").write_text("3 1 x")
     bad = runner.invoke(app, ["data", "relabel", str(TINY), str(tmp_path / "b.h5"), "--method", "gfn2-xtb",
                               "--indices", str(tmp_path / "idx.txt")])
