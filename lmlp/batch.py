@@ -6,6 +6,7 @@ takes whole structures out of it, ``chunks`` cuts it for evaluation. Energies eV
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,19 +89,27 @@ class Batch:
                      self.energy.to(device), self.forces.to(device))
 
 
+def structure_chunks(s: StructureSet, dtype: torch.dtype = torch.float64) -> Iterator[tuple[int, tuple]]:
+    """Blocks of ``STRUCTURES_PER_CHUNK`` structures of ``s`` as (first atom, (numbers (N,),
+    positions (N, 3) Å, offsets, cells (S, 3, 3) Å or None, pbc (S, 3) or None)): the arguments of
+    ``SymmetryFunctions`` and ``find_neighbors``, lengths in ``dtype``."""
+    for start in range(0, len(s), STRUCTURES_PER_CHUNK):
+        part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
+        yield int(s.offsets[start]), (
+            torch.from_numpy(part.numbers), torch.from_numpy(part.positions).to(dtype), torch.from_numpy(part.offsets),
+            None if part.cell is None else torch.from_numpy(part.cell).to(dtype),
+            None if part.pbc is None else torch.from_numpy(part.pbc))
+
+
 def compute_batch(s: StructureSet, descriptor: SymmetryFunctions, dtype: torch.dtype) -> Batch:
     """Descriptors and derivatives of every structure of ``s`` (periodic images included), computed
     once in chunks."""
     G_parts, derivative_parts, starts = [], [], []
-    for start in range(0, len(s), STRUCTURES_PER_CHUNK):
-        part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
-        numbers, offsets = torch.from_numpy(part.numbers), torch.from_numpy(part.offsets)
-        cells = None if part.cell is None else torch.from_numpy(part.cell).to(dtype)
-        pbc = None if part.pbc is None else torch.from_numpy(part.pbc)
-        G, d = descriptor.with_derivatives(numbers, torch.from_numpy(part.positions).to(dtype), offsets, cells, pbc)
+    for first_atom, arrays in structure_chunks(s, dtype):
+        G, d = descriptor.with_derivatives(*arrays)
         G_parts.append(G)
-        derivative_parts.append(d.by_centre(len(numbers)))
-        starts.append(int(s.offsets[start]))
+        derivative_parts.append(d.by_centre(len(arrays[0])))
+        starts.append(first_atom)
     return Batch(
         numbers=torch.from_numpy(s.numbers),
         offsets=torch.from_numpy(s.offsets),

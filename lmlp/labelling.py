@@ -26,15 +26,13 @@ def label_file(
     """Label the structures of ``source`` (e.g. a flagged extxyz file) and write them to ``out`` (HDF5).
 
     The reference method and its settings are those of ``lmlp data generate``
-    (``lmlp.reference.labellers``; run single-threaded, as there). The total charge of a structure
+    (``lmlp.reference.labellers``, single-threaded). The total charge of a structure
     is its ``info["charge"]``, else ``charge`` (e); without either it is an error (SN2 structures
     are −1, neutral molecules 0: no default guesses it). Labels come from ``info["label"]`` (else
     the formula). The output gets a ``test_fraction`` train/test split stratified by label
     (seeded), and the attributes method, program, program_version, command and source. Structures
     whose reference calculation fails are left out; their indices are returned.
     """
-    from threadpoolctl import threadpool_limits
-
     from lmlp.reference.labellers import get_labeller, label_structures
 
     images = _read_images(source)
@@ -46,8 +44,7 @@ def label_file(
             atoms.info["charge"] = charge
         atoms.info.pop("split", None)
     labeller = get_labeller(method)
-    with threadpool_limits(limits=1):
-        labelled, failed = label_structures(images, labeller, progress)
+    labelled, failed = label_structures(images, labeller, progress)
     if not labelled:
         raise LmlpError(f"{source}: every reference calculation failed ({len(failed)} structures)")
     s = StructureSet.from_atoms(labelled, source=str(source))

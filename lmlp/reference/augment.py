@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 from ase import Atoms
-from threadpoolctl import threadpool_limits
 
 from lmlp.data.structures import StructureSet, concatenate
 from lmlp.errors import LmlpError
@@ -54,8 +53,7 @@ def augment(
     images = [displaced(s.atoms(int(i)), rng, sigma) for i in sources]
     for atoms in images:
         atoms.info["split"] = split
-    with threadpool_limits(limits=1):
-        labelled, failed = label_structures(images, labeller, progress)
+    labelled, failed = label_structures(images, labeller, progress)
     if not labelled:
         raise LmlpError(f"every reference calculation of the {copies} displaced copies failed")
     merged = concatenate([s, StructureSet.from_atoms(labelled)], keep_splits=True)

@@ -26,6 +26,7 @@ from ase.calculators.calculator import CalculationFailed, Calculator, all_change
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers
 from ase.units import Bohr, Hartree
+from threadpoolctl import threadpool_limits
 
 from lmlp.errors import LabelError, LmlpError
 
@@ -225,22 +226,24 @@ def label_structures(
     The charge of each structure is ``atoms.info.get("charge", 0)``. Every labelled copy carries
     a ``SinglePointCalculator`` with energy (eV) and forces ((n_atoms, 3), eV/Å). Structures
     whose SCF fails are left out; their indices are returned. With ``progress``, a line on
-    stderr at most every 30 s.
+    stderr at most every 30 s. Runs single-threaded (OpenMP, BLAS), as in worker processes, so the
+    labels do not depend on the thread or worker count (threaded reductions change the round-off).
     """
     labelled: list[Atoms] = []
     failed: list[int] = []
     last = time.monotonic()
-    for i, atoms in enumerate(images):
-        try:
-            energy, forces = labeller.label(atoms, int(atoms.info.get("charge", 0)))
-        except LabelFailure:
-            failed.append(i)
-            continue
-        copy = atoms.copy()
-        copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
-        labelled.append(copy)
-        if progress and time.monotonic() - last > _PROGRESS_SECONDS:
-            last = time.monotonic()
-            print(f"labelled {i + 1}/{len(images)} structures with {labeller.method} "
-                  f"({len(failed)} failed)", file=sys.stderr, flush=True)
+    with threadpool_limits(limits=1):
+        for i, atoms in enumerate(images):
+            try:
+                energy, forces = labeller.label(atoms, int(atoms.info.get("charge", 0)))
+            except LabelFailure:
+                failed.append(i)
+                continue
+            copy = atoms.copy()
+            copy.calc = SinglePointCalculator(copy, energy=energy, forces=forces)
+            labelled.append(copy)
+            if progress and time.monotonic() - last > _PROGRESS_SECONDS:
+                last = time.monotonic()
+                print(f"labelled {i + 1}/{len(images)} structures with {labeller.method} "
+                      f"({len(failed)} failed)", file=sys.stderr, flush=True)
     return labelled, failed

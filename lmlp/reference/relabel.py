@@ -21,7 +21,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from lmlp.data.hdf5 import read_structures, write_structures
 from lmlp.data.structures import StructureSet, concatenate
@@ -95,8 +94,7 @@ def relabel(
     n_failed = sum(int(p.attrs["n_failed_labels"]) for p in labelled)
     complete = len(finished) == len(chunks)
     if labelled:
-        merged = _merged(s, labelled, finished, labeller, selection, len(indices), complete)
-        merged.attrs["command"] = command
+        merged = _merged(s, labelled, len(finished), labeller, selection, command, len(indices), complete)
         write_structures(out, merged)
     if complete:
         for c in chunks:
@@ -206,13 +204,10 @@ def _label_chunk(part: StructureSet, chunk: _Chunk, labeller: Labeller, key: str
     labeller = copy.copy(labeller)
     images = [part.atoms(i) for i in range(len(part))]
     t0 = time.monotonic()
-    with threadpool_limits(limits=1):
-        labelled, failed = label_structures(images, labeller)
+    labelled, failed = label_structures(images, labeller)
     seconds = time.monotonic() - t0
     kept = np.delete(np.arange(len(part)), failed)
-    new = StructureSet.from_atoms(labelled) if labelled else part.subset(kept)
-    new = replace(new, label=part.label[kept], charge=part.charge[kept],
-                  trajectory=None if part.trajectory is None else part.trajectory[kept], split={},
+    new = replace(StructureSet.from_atoms(labelled) if labelled else part.subset(kept), split={},
                   attrs={"settings": key, "source_indices": ",".join(map(str, chunk.indices[kept])),
                          "n_failed_labels": str(len(failed)), "seconds": f"{seconds:.1f}"})
     write_structures(chunk.path, new)
@@ -220,8 +215,8 @@ def _label_chunk(part: StructureSet, chunk: _Chunk, labeller: Labeller, key: str
             f"{seconds / max(len(part), 1):.1f} s/structure")
 
 
-def _merged(s: StructureSet, labelled: list[StructureSet], chunks: list[_Chunk], labeller: Labeller,
-            selection: str, n_selected: int, complete: bool) -> StructureSet:
+def _merged(s: StructureSet, labelled: list[StructureSet], n_chunks: int, labeller: Labeller,
+            selection: str, command: str, n_selected: int, complete: bool) -> StructureSet:
     """The finished chunks joined, with the source's split restricted to them and provenance."""
     merged = concatenate(labelled)
     source_index = np.concatenate([np.array(p.attrs["source_indices"].split(","), dtype=np.int64)
@@ -233,10 +228,10 @@ def _merged(s: StructureSet, labelled: list[StructureSet], chunks: list[_Chunk],
     merged.attrs = {
         "method": labeller.method, "program": labeller.program, "program_version": labeller.program_version,
         "sampling": s.attrs.get("sampling", ""), "relabelled_from": f"{s.attrs.get('method', '?')} data",
-        "selection": selection, "n_selected": str(n_selected),
+        "selection": selection, "command": command, "n_selected": str(n_selected),
         "n_failed_labels": str(sum(int(p.attrs["n_failed_labels"]) for p in labelled)),
         "labelling_seconds": f"{seconds:.0f}", "complete": "true" if complete else "false",
-        "chunks": f"{len(chunks)}",
+        "chunks": str(n_chunks),
     }
     return merged
 

@@ -483,8 +483,8 @@ class _Chunk:
 def _make_part(chunk: _Chunk) -> str:
     """Sample, label and write one reaction's part file; return a one-line summary.
 
-    Labelling runs single-threaded (OpenMP, BLAS) in-process as in workers, so the labels do
-    not depend on the worker count (threaded reductions in tblite change the round-off).
+    Labelling runs single-threaded (``label_structures``) in-process as in workers, so the labels
+    do not depend on the worker count.
     """
     if chunk.sampling == "independent":
         images, n_failed_sampling = sample_independent(chunk.reaction, chunk.n_structures, chunk.seed)
@@ -492,8 +492,7 @@ def _make_part(chunk: _Chunk) -> str:
         images, n_failed_sampling = sample_reaction(
             chunk.reaction, chunk.n_structures, chunk.seed, chunk.temperatures, chunk.protocol
         )
-    with threadpool_limits(limits=1):
-        labelled, failed = label_structures(images, get_labeller(chunk.method), chunk.progress)
+    labelled, failed = label_structures(images, get_labeller(chunk.method), chunk.progress)
     part = StructureSet.from_atoms(labelled, default_charge=CHARGE)
     part.attrs = {**chunk.settings, "reaction": chunk.reaction,
                   "n_failed_sampling": str(n_failed_sampling), "n_failed_labels": str(len(failed))}

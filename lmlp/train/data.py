@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmlp.batch import STRUCTURES_PER_CHUNK
+from lmlp.batch import structure_chunks
 from lmlp.config import Config
 from lmlp.data import StructureSet, load
 from lmlp.descriptors.neighbors import find_neighbors
@@ -107,12 +107,8 @@ def closest_pair_distance(s: StructureSet, cutoff: float) -> float:
     """The smallest interatomic distance (Å, periodic images included) in ``s``; ``cutoff`` (Å) if
     no two atoms are closer than that."""
     closest = cutoff
-    for start in range(0, len(s), STRUCTURES_PER_CHUNK):
-        part = s.subset(np.arange(start, min(start + STRUCTURES_PER_CHUNK, len(s))))
-        cells = None if part.cell is None else torch.from_numpy(part.cell)
-        pbc = None if part.pbc is None else torch.from_numpy(part.pbc)
-        positions = torch.from_numpy(part.positions)
-        nb = find_neighbors(positions, torch.from_numpy(part.offsets), cutoff, cells, pbc)
+    for _, (_, positions, offsets, cells, pbc) in structure_chunks(s):
+        nb = find_neighbors(positions, offsets, cutoff, cells, pbc)
         if nb.pairs.shape[1]:
             closest = min(closest, float(nb.vectors(positions).norm(dim=1).min()))
     return closest
