@@ -125,6 +125,8 @@ class _Neighbours:
         angular_slot: (Q,) (element of j)·N + i, or (nz·(element of j) + element of k)·N + i.
         pair_weights: (nz, T). angular_weights: (nz², U). n_elements: nz.
         pair_blocks, angular_blocks: slices of pairs and angular items evaluated together.
+        pair_layouts, angular_layouts: each block's ``kernels.chunk_layout`` (pairs are ordered by
+            slot, so a block's pairs fill few chunks).
     """
 
     key: tuple
@@ -144,6 +146,8 @@ class _Neighbours:
     n_elements: int
     pair_blocks: list[slice]
     angular_blocks: list[slice]
+    pair_layouts: list[kernels.Layout | None]
+    angular_layouts: list[kernels.Layout | None]
 
 
 class _Networks:
@@ -229,14 +233,15 @@ class LMLPCalculator(Calculator):
 
     Besides ``energy``, ``free_energy`` (equal), ``forces`` and, for periodic cells, ``stress``
     (ASE's Voigt order xx, yy, zz, yz, xz, xy; eV/Å³; (1/V) ∂E/∂ε, the strain derivative at fixed
-    scaled positions), ``results`` holds:
+    scaled positions; computed from the first time it is asked for on, a tenth of a step for a
+    dense liquid), ``results`` holds:
 
     - ``energies``: (M,) member energies, eV;
     - ``forces_members``: (M, N, 3) member forces, eV/Å;
     - ``energy_uncertainty``: ensemble standard deviation (ddof = 1) of the energy, eV;
     - ``forces_uncertainty``: (N, 3) standard deviation (ddof = 1) of each force component, eV/Å
       (both 0 for a single-member model);
-    - ``stress_members``: (M, 6) member stresses, eV/Å³ (periodic cells);
+    - ``stress_members``: (M, 6) member stresses, eV/Å³ (with ``stress``);
     - ``closest_distance``: the smallest interatomic distance within cutoff + skin, Å (else inf).
 
     Raises ``UnknownElementError`` (one line) for elements the model does not know.
@@ -273,6 +278,8 @@ class LMLPCalculator(Calculator):
         self.n_calculations = 0
         self._neighbours: _Neighbours | None = None
         self._networks: _Networks | None = None
+        self._stress_wanted = False
+        """Once stress has been asked for, every calculation computes it (NPT asks for forces first)."""
         self._baseline = 0.0
         self._terms = self.model.descriptor.terms(self.dtype)
         self._n_radial = len(self._terms.radial_eta)
@@ -285,7 +292,8 @@ class LMLPCalculator(Calculator):
                   system_changes: list[str] = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         with torch.inference_mode():
-            energies, forces, closest, virials = self._evaluate(self.atoms)
+            self._stress_wanted |= "stress" in (properties or ())
+            energies, forces, closest, virials = self._evaluate(self.atoms, self._stress_wanted)
             correction = 1 if self.members > 1 else 0
             energy_std, energy = torch.std_mean(energies, dim=0, correction=correction)
             forces_std, forces_mean = torch.std_mean(forces, dim=0, correction=correction)
@@ -346,9 +354,10 @@ class LMLPCalculator(Calculator):
                           f"({self.min_distance:.3f} Å): the lMLP extrapolates (counted in too_close_count; "
                           f"further cases are not warned about)", TooCloseWarning, stacklevel=2)
 
-    def _evaluate(self, atoms: Atoms) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    def _evaluate(self, atoms: Atoms, stress: bool) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
         """Member energies (M,) eV, member forces (M, N, 3) eV/Å (float64), the closest distance, Å,
-        and for periodic cells the member virials (M, 3, 3) eV, W_ab = Σ_p (∂E/∂v_p)_a v_pb (else None)."""
+        and if ``stress``, for periodic cells, the member virials (M, 3, 3) eV, W_ab = Σ_p (∂E/∂v_p)_a v_pb
+        (else None)."""
         positions = torch.from_numpy(atoms.positions)
         nb = self._update_neighbours(atoms)
         networks = self._networks
@@ -359,13 +368,14 @@ class LMLPCalculator(Calculator):
                 nb.angular_weights, t.radial_eta, t.radial_rs, t.angular_eta, t.angular_lambda, t.angular_zeta,
                 t.norm, t.slope_norm, t.monomial_index, t.monomial_exponents, t.moment_coefficients, t.cutoff,
                 t.angular_cutoff, t.cutoff_function, t.g4, t.moments, networks.mean, networks.inv_std,
-                networks.weights, networks.biases, networks.transposed, networks.activation, self.members)
+                networks.weights, networks.biases, networks.transposed, networks.activation, self.members,
+                nb.pair_layouts[0], nb.angular_layouts[0])
         else:
             atomic, forces, r, gradient = self._blocked(nb, positions)
         closest = float(r.min()) if r.shape[0] else math.inf
         energies = atomic.to(torch.float64).sum(0) + self._baseline
         virials = None
-        if atoms.pbc.any() and atoms.cell.volume > 0:
+        if stress and atoms.pbc.any() and atoms.cell.volume > 0:
             virials = kernels.pair_virials(gradient, positions[nb.j] - positions[nb.i] + nb.shifts)
         return energies, forces.transpose(0, 1).to(torch.float64), closest, virials
 
@@ -373,23 +383,25 @@ class LMLPCalculator(Calculator):
         self, nb: _Neighbours, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``kernels.small_system`` for larger systems: pairs and angular items in blocks (slopes
-        recomputed for the gradients when there are several), per-element networks when per-atom
-        copies of the weights would be too large."""
+        kept while all of them fit in one block's budget, else recomputed for the gradients),
+        per-element networks when per-atom copies of the weights would be too large."""
         n, t = len(positions), nb.terms
         v = (positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype)
         pairs = t.pair_data(v)
         nb = self._angular_now(nb, pairs[:, 3])
         radial_sums = pairs.new_zeros(nb.n_elements * n, self._n_radial)
+        keep_radial = len(nb.pair_blocks) <= 1 or pairs.shape[0] * self._n_radial <= BLOCK_FLOATS
+        keep_angular = len(nb.angular_blocks) <= 1 or nb.items.shape[1] * 3 * _item_width(t) <= BLOCK_FLOATS
         radial_slopes = []
         for block in nb.pair_blocks:
-            values, slopes = t.radial(pairs[block], len(nb.pair_blocks) <= 1)
+            values, slopes = t.radial(pairs[block], keep_radial)
             radial_sums.index_add_(0, nb.pair_slot[block], values)
             radial_slopes.append(slopes)
         angular_kinds = nb.n_elements if t.moments else nb.n_elements**2
         angular_sums = pairs.new_zeros(angular_kinds * n, _item_width(t))
         angular_slopes = []
         for block in nb.angular_blocks:
-            values, slopes = t.angular_items(pairs, nb.items[:, block], len(nb.angular_blocks) <= 1)
+            values, slopes = t.angular_items(pairs, nb.items[:, block], keep_angular)
             angular_sums.index_add_(0, nb.angular_slot[block], values)
             angular_slopes.append(slopes)
         G_angular, jacobian = kernels.angular_descriptors(angular_sums, nb.angular_weights, t.moment_coefficients, n,
@@ -406,8 +418,9 @@ class LMLPCalculator(Calculator):
         active = torch.nonzero(inside[nb.items].all(0)).flatten()
         if len(active) == nb.items.shape[1]:
             return nb
-        return dataclasses.replace(nb, items=nb.items[:, active], angular_slot=nb.angular_slot[active],
-                                   angular_blocks=self._angular_blocks(len(active), nb.terms))
+        slot, blocks = nb.angular_slot[active], self._angular_blocks(len(active), nb.terms)
+        return dataclasses.replace(nb, items=nb.items[:, active], angular_slot=slot, angular_blocks=blocks,
+                                   angular_layouts=[kernels.chunk_layout(slot[b]) for b in blocks])
 
     def _update_neighbours(self, atoms: Atoms) -> _Neighbours:
         """The Verlet list, rebuilt for new numbers or pbc, or when ``_still_valid`` fails."""
@@ -469,27 +482,31 @@ class LMLPCalculator(Calculator):
             torch.from_numpy(atoms.cell.array)[None] if periodic else None,
             torch.from_numpy(atoms.pbc)[None] if periodic else None,
         )
-        i, j = nb.pairs
-        distances = nb.vectors(torch.from_numpy(atoms.positions)).norm(dim=1)
         elements, element = np.unique(atoms.numbers, return_inverse=True)
         nz, element = len(elements), torch.from_numpy(element.astype(np.int64))
         n = len(atoms)
+        order = torch.argsort(element[nb.pairs[1]] * n + nb.pairs[0], stable=True)  # by slot
+        i, j, shifts = nb.pairs[0, order], nb.pairs[1, order], nb.shifts[order].to(torch.float64)
+        distances = (torch.from_numpy(atoms.positions)[j] - torch.from_numpy(atoms.positions)[i] + shifts).norm(dim=1)
         angular_cutoff = descriptor.angular_cutoff + self.skin
         moments = self._terms.moments and self._moments_pay_off(i[distances < angular_cutoff], n, nz)
         terms = self._terms if moments else dataclasses.replace(self._terms, moments=False)
-        items = find_angular_items(nb.pairs, distances, angular_cutoff, n, moments)
+        items = find_angular_items(torch.stack([i, j]), distances, angular_cutoff, n, moments)
         z = torch.from_numpy(elements.astype(np.int64))
         pair_slot, angular_slot = kernels.element_slots(element[j], i, items, nz, n)
+        pair_blocks = self._blocks(len(i), (self.members + 3) * self._n_radial)
+        angular_blocks = self._angular_blocks(items.shape[1], terms)
         return _Neighbours(
             key=key, reference=atoms.positions.copy(), cell=atoms.cell.array.copy(),
-            lattice_shifts=self._lattice_shifts(nb.shifts.to(torch.float64), atoms), i=i, j=j,
-            shifts=nb.shifts.to(torch.float64), current_cell=atoms.cell.array.copy(),
+            lattice_shifts=self._lattice_shifts(shifts, atoms), i=i, j=j,
+            shifts=shifts, current_cell=atoms.cell.array.copy(),
             pair_slot=pair_slot, terms=terms, items=items, angular_slot=angular_slot,
             pair_weights=descriptor.neighbor_weights[z].to(self.dtype),
             angular_weights=descriptor.pair_weights[z][:, z].reshape(nz**2, -1).to(self.dtype),
             n_elements=nz,
-            pair_blocks=self._blocks(len(i), (self.members + 3) * self._n_radial),
-            angular_blocks=self._angular_blocks(items.shape[1], terms),
+            pair_blocks=pair_blocks, angular_blocks=angular_blocks,
+            pair_layouts=[kernels.chunk_layout(pair_slot[b]) for b in pair_blocks],
+            angular_layouts=[kernels.chunk_layout(angular_slot[b]) for b in angular_blocks],
         )
 
     @staticmethod
@@ -539,17 +556,16 @@ class LMLPCalculator(Calculator):
         angular_slots = kernels.angular_slot_gradients(dE_dG[:, :, n_radial:], jacobian, t.moments)
         gradient = pairs.new_empty(pairs.shape[0], self.members, 3)
         units = pairs[:, 0:3]
-        for block, slopes in zip(nb.pair_blocks, radial_slopes):
+        for block, layout, slopes in zip(nb.pair_blocks, nb.pair_layouts, radial_slopes):
             if slopes is None:
                 slopes = t.radial(pairs[block], True)[1]
-            slots = radial_slots.index_select(0, nb.pair_slot[block])
-            gradient[block] = kernels.radial_gradient(slots, slopes, units[block])
-        for block, slopes in zip(nb.angular_blocks, angular_slopes):
+            gradient[block] = kernels.radial_gradient(radial_slots, nb.pair_slot[block], slopes, units[block], layout)
+        for block, layout, slopes in zip(nb.angular_blocks, nb.angular_layouts, angular_slopes):
             items = nb.items[:, block]
             if slopes is None:
                 slopes = t.angular_items(pairs, items, True)[1]
-            slots = angular_slots.index_select(0, nb.angular_slot[block])
-            kernels.add_angular_gradient(gradient, slots, slopes, items, units, t.moments)
+            kernels.add_angular_gradient(gradient, angular_slots, nb.angular_slot[block], slopes, items, units,
+                                         t.moments, layout)
         return gradient
 
 

@@ -158,6 +158,23 @@ def test_stress_equals_the_strain_derivative_of_the_energy(tiny, monkeypatch, bl
     np.testing.assert_allclose(atoms.calc.results["stress_members"].mean(0), stress, rtol=1e-12)
 
 
+def test_stress_is_computed_once_asked_for(tiny, model):
+    atoms = tiny.atoms(3)
+    atoms.calc = None
+    atoms.set_cell(np.diag([6.0, 7.0, 6.5]))
+    atoms.pbc = True
+    atoms.calc = LMLPCalculator(model)
+    atoms.get_forces()
+    assert "stress" not in atoms.calc.results
+    stress = atoms.get_stress()
+    atoms.positions[0] += 0.01
+    atoms.get_forces()  # as NPT drivers do: forces, then stress of the same positions
+    assert "stress" in atoms.calc.results and not np.array_equal(atoms.calc.results["stress"], stress)
+    calculations = atoms.calc.n_calculations
+    atoms.get_stress()
+    assert atoms.calc.n_calculations == calculations
+
+
 def test_molecules_have_no_stress(tiny, model):
     atoms = tiny.atoms(0)
     atoms.calc = LMLPCalculator(model)
@@ -322,6 +339,29 @@ def test_angular_items_are_triples_for_a_molecule_and_moments_in_a_dense_cell(ti
     atoms.pbc = True
     assert_matches_model(calc, model, atoms)
     assert calc._neighbours.terms.moments and calc._neighbours.items.shape[0] == 1
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_dense_cells_contract_by_chunks(tiny, monkeypatch, blocked):
+    """Hundreds of pairs per slot: the slot contraction runs in chunks (``kernels.chunk_layout``),
+    through the whole-step kernel and block by block."""
+    if blocked:
+        monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
+        monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0))
+    atoms = tiny.atoms(5)
+    atoms.calc = None
+    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
+    atoms.pbc = True
+    calc = LMLPCalculator(model)
+    assert_matches_model(calc, model, atoms)
+    nb = calc._neighbours
+    assert len(nb.pair_blocks) > 1 if blocked else len(nb.pair_blocks) == 1
+    for layouts in (nb.pair_layouts, nb.angular_layouts):  # a short last block may gather instead
+        assert sum(layout is not None for layout in layouts) >= max(1, len(layouts) - 1)
+    atoms.positions += np.random.default_rng(0).normal(0.0, 0.1, atoms.positions.shape)
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours is nb  # the same list and layouts
 
 
 def test_one_calculator_serves_several_compositions(tiny, model):

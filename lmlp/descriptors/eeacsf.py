@@ -310,8 +310,8 @@ class SymmetryFunctions(torch.nn.Module):
         units = pairs[:, 0:3]
         for block in torch.split(torch.arange(triples.shape[1], device=pairs.device), TRIPLES_PER_BLOCK):
             t, w = triples[:, block], wp[block]
-            ang, c = terms.angular_items(pairs, t, True)  # (Q, EL), (Q, EL, 4)
-            d_ang_j, d_ang_k = angular_gradients(c, units[t[0]], units[t[1]])  # (Q, EL, 3) each
+            ang, c = terms.angular_items(pairs, t, True)  # (Q, EL), (Q, 4, EL)
+            d_ang_j, d_ang_k = angular_gradients(c.transpose(1, 2), units[t[0]], units[t[1]])  # (Q, EL, 3) each
             G += weighted_sum(ang, w, neighbours[0, t[0]], len(numbers))
             pair_values.index_add_(0, t[0], (w[:, :, None, None] * d_ang_j[:, None]).flatten(1, 2))
             pair_values.index_add_(0, t[1], (w[:, :, None, None] * d_ang_k[:, None]).flatten(1, 2))

@@ -80,33 +80,35 @@ def multinomial(alpha: tuple[int, int, int]) -> int:
 
 
 def monomials(u: Tensor, index: Tensor, exponents: Tensor, gradients: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """The monomials m_α (P, A) of unit vectors u (P, 3) and, if ``gradients``, ∂m_α/∂u_c (P, A, 3)
+    """The monomials m_α (P, A) of unit vectors u (P, 3) and, if ``gradients``, ∂m_α/∂u_c (P, 3, A)
     (``moment_tables``' ``index`` and ``exponents``)."""
     n_pairs, n_monomials, degree = u.shape[0], index.shape[0], index.shape[1] - 3
     factors = torch.cat([torch.ones_like(u[:, :1]), u], 1)  # (P, 4)
     m = factors.index_select(1, index[:, :degree].reshape(-1)).view(n_pairs, n_monomials, degree).prod(2)
     if not gradients:
         return m, None
-    return m, m.index_select(1, index[:, degree:].reshape(-1)).view(n_pairs, n_monomials, 3) * exponents
+    lower = index[:, degree:].T.reshape(-1)  # (3·A,) component-major
+    return m, m.index_select(1, lower).view(n_pairs, 3, n_monomials) * exponents.T
 
 
 def pair_moments(pairs: Tensor, index: Tensor, exponents: Tensor, slopes: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """The moment terms (P, E·K), η-major, of pairs with ``terms.pair_data`` rows ``pairs``: g_η m_α for
-    the A monomials, then g_η², and, if ``slopes``, their gradients (P, E·K, 3) with respect to the pair
-    vectors, Å⁻¹ (module docstring; ``index``, ``exponents`` from ``moment_tables``)."""
+    the A monomials, then g_η², and, if ``slopes``, their gradients (P, 3, E·K) with respect to the
+    pair vectors, Å⁻¹, component-major (module docstring; ``index``, ``exponents`` from
+    ``moment_tables``)."""
     n_pairs, n_eta = pairs.shape[0], (pairs.shape[1] - 7) // 2
     u, inv_r = pairs[:, 0:3], pairs[:, 6:7]
     g, dg = pairs[:, 7 : 7 + n_eta, None], pairs[:, 7 + n_eta :, None]  # (P, E, 1)
     m, dm = monomials(u, index, exponents, slopes)
-    m = m[:, None, :].expand(n_pairs, n_eta, m.shape[1])
-    values = g * torch.cat([m, g], 2)
+    per_eta = m[:, None, :].expand(n_pairs, n_eta, m.shape[1])
+    values = g * torch.cat([per_eta, g], 2)
     if dm is None:
         return values.flatten(1), None
-    along = dg * torch.cat([m, 2.0 * g], 2)  # (P, E, K): d/dr at fixed u
-    across = (dm - (exponents.sum(1) * m[:, 0])[:, :, None] * u[:, None, :]) * inv_r[:, :, None]  # (P, A, 3)
-    across = torch.cat([across, across.new_zeros(n_pairs, 1, 3)], 1)  # at fixed r; g² has none
-    gradient = along[:, :, :, None] * u[:, None, None, :] + g[:, :, :, None] * across[:, None]
-    return values.flatten(1), gradient.flatten(1, 2)
+    along = dg * torch.cat([per_eta, 2.0 * g], 2)  # (P, E, K): d/dr at fixed u
+    across = (dm - exponents.sum(1) * m[:, None, :] * u[:, :, None]) * inv_r[:, :, None]  # (P, 3, A)
+    across = torch.cat([across, across.new_zeros(n_pairs, 3, 1)], 2)  # at fixed r; g² has none
+    gradient = along[:, None] * u[:, :, None, None] + g[:, None] * across[:, :, None]  # (P, 3, E, K)
+    return values.flatten(1), gradient.flatten(2)
 
 
 def moment_jacobian(moments: Tensor, weights: Tensor, coefficients: Tensor, n_atoms: int) -> Tensor:
@@ -151,10 +153,10 @@ def moment_gradients(dE_dG: Tensor, jacobian: Tensor) -> Tensor:
 def moment_pair_jacobian(jacobian: Tensor, slot: Tensor, slopes: Tensor) -> Tensor:
     """dG/dv (P, U·E·L, 3), Å⁻¹, of every G5 function of each pair's centre with respect to the pair
     vector, from the ``moment_jacobian`` X (N, E, U, L, nz, K), the pairs' slots (P,), (element of
-    j)·N + i, and their ``pair_moments`` slopes (P, E·K, 3)."""
+    j)·N + i, and their ``pair_moments`` slopes (P, 3, E·K)."""
     n_atoms, n_eta, n_weights, n_combos, n_elements, n_columns = jacobian.shape
     n_pairs = slot.shape[0]
     X = jacobian[slot % n_atoms, :, :, :, torch.div(slot, n_atoms, rounding_mode="floor")]  # (P, E, U, L, K)
-    dG = torch.bmm(X.view(n_pairs * n_eta, n_weights * n_combos, n_columns),
-                   slopes.view(n_pairs * n_eta, n_columns, 3))  # (P·E, U·L, 3)
+    by_eta = slopes.view(n_pairs, 3, n_eta, n_columns).permute(0, 2, 3, 1).reshape(n_pairs * n_eta, n_columns, 3)
+    dG = torch.bmm(X.view(n_pairs * n_eta, n_weights * n_combos, n_columns), by_eta)  # (P·E, U·L, 3)
     return dG.view(n_pairs, n_eta, n_weights, n_combos, 3).transpose(1, 2).flatten(1, 3)

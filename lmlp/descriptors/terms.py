@@ -10,7 +10,9 @@ cutoff function at the angular cutoff) and then g'(r). The angular terms' radial
 exp(−η (a² + b²)) f_a(a) f_a(b) is g(a) g(b), so it is computed per pair, not per triple.
 
 Slopes are with respect to the pair vectors: a radial term's gradient is slope · u, an angular
-term's gradients are c_0 u_j + c_1 u_k (first pair) and c_2 u_k + c_3 u_j (second pair).
+term's gradients are c_0 u_j + c_1 u_k (first pair) and c_2 u_k + c_3 u_j (second pair). Slopes
+with several components are component-major, (Q, 3 or 4, terms): the terms are the contiguous axis
+that the calculator contracts.
 
 Angular functions are sums over angular items (``angular_items``): G5 functions with integer ζ over
 pairs, by moments (``lmlp.descriptors.moments``, O(neighbours) per atom), the others (G4, non-integer
@@ -34,6 +36,14 @@ CUTOFF_FUNCTIONS = ("cos", "poly1", "poly2")
 curvature vanish); n2p2's CT_COS, CT_POLY1 and CT_POLY2."""
 G_ANGULAR = 7
 """First column of the angular g(r) in ``pair_data``."""
+def gaussian(x: Tensor) -> Tensor:
+    """exp(x) of a Gaussian's exponents x ≤ 0 (any shape), with x clamped at −80.
+
+    exp(−80) ≈ 2e-35 is far below the resolution of any descriptor value, and exponents under about
+    −87 (float32's smallest normal number) put the vectorised exp on a slow path, ten times slower:
+    most of the 24 radial terms of a pair at 12 Å are such far tails (−η (r − r_s)² reaches −2,000).
+    """
+    return torch.exp(x.clamp(min=-80.0))
 
 
 def cutoff_function(r: Tensor, cutoff: float, kind: str) -> Tuple[Tensor, Tensor]:
@@ -64,7 +74,7 @@ def pair_data(v: Tensor, cutoff: float, angular_cutoff: float, kind: str, eta: T
     else:
         fa, dfa = cutoff_function(r, angular_cutoff, kind)
     inv_r = 1.0 / r
-    gauss = torch.exp(-eta * r * r)
+    gauss = gaussian(-eta * r * r)
     return torch.cat([v * inv_r, r, fc, dfc, inv_r, gauss * fa, gauss * (dfa - 2.0 * eta * r * fa)], 1)
 
 
@@ -72,7 +82,7 @@ def radial(pairs: Tensor, eta: Tensor, r_s: Tensor, slopes: bool) -> Tuple[Tenso
     """Radial terms exp(−η (r − r_s)²) f_c(r) (P, K) of pairs with ``pair_data`` rows ``pairs``,
     for the K paired (η, r_s), and, if ``slopes``, their r-derivatives (P, K) in Å⁻¹."""
     r, fc, dfc = pairs[:, 3:4], pairs[:, 4:5], pairs[:, 5:6]
-    gauss = torch.exp(-eta * (r - r_s) ** 2)
+    gauss = gaussian(-eta * (r - r_s) ** 2)
     slope: Optional[Tensor] = None
     if slopes:
         slope = gauss * (dfc - 2.0 * eta * (r - r_s) * fc)
@@ -90,7 +100,7 @@ def angular(
     cutoff: float, angular_cutoff: float, kind: str, g4: bool, slopes: bool,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Angular terms (Q, E·L, η-major) of the triples whose two pairs have the ``pair_data`` rows
-    ``first`` and ``second``, and, if ``slopes``, their gradient coefficients (Q, E·L, 4) in Å⁻¹.
+    ``first`` and ``second``, and, if ``slopes``, their gradient coefficients (Q, 4, E·L) in Å⁻¹.
 
     A term is R Θ(cos θ) with R = g(a) g(b) [h(d)], a = |v_j|, b = |v_k|, cos θ = u_j·u_k,
     Θ = 2^{1−ζ} (1 + λ cos θ)^ζ (``norm``, ``slope_norm`` from ``angular_norms``), and for G4
@@ -130,7 +140,7 @@ def angular(
         by_d = (radial_ab * jk[:, dg0:])[:, :, None] * theta[:, None, :] * jk[:, 6:7, None]
         a_d, b_d = by_d * a[:, :, None], by_d * b[:, :, None]
         c0, c1, c2, c3 = c0 + a_d, c1 - b_d, c2 + b_d, c3 - a_d
-    return values, torch.stack([c0, c1, c2, c3], 3).flatten(1, 2)
+    return values, torch.stack([c0, c1, c2, c3], 1).flatten(2)
 
 
 def angular_gradients(c: Tensor, u_j: Tensor, u_k: Tensor) -> Tuple[Tensor, Tensor]:
@@ -154,9 +164,9 @@ def angular_items(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The terms of the angular items ``items`` of pairs with ``pair_data`` rows ``pairs``, and their
     slopes if ``slopes``: with ``moments``, items (1, Q) are pairs and the terms their moment terms
-    (Q, E·K) with gradients (Q, E·K, 3) (``moments.pair_moments``; ``index``, ``exponents`` from
+    (Q, E·K) with gradients (Q, 3, E·K) (``moments.pair_moments``; ``index``, ``exponents`` from
     ``moments.moment_tables``); otherwise items (2, Q) are the two pairs of triples and the terms
-    ``angular`` (Q, E·L) with gradient coefficients (Q, E·L, 4)."""
+    ``angular`` (Q, E·L) with gradient coefficients (Q, 4, E·L)."""
     if moments:
         return pair_moments(pairs.index_select(0, items[0]), index, exponents, slopes)
     return angular(pairs.index_select(0, items[0]), pairs.index_select(0, items[1]), eta, lam, zeta, norm,

@@ -88,7 +88,7 @@ def test_pair_moment_slopes_are_the_derivatives_of_the_values(kind):
         return pair_moments(pair_data(x[None], CUTOFF, ANGULAR_CUTOFF, kind, ETA), index, exponents, False)[0][0]
 
     terms, slopes = pair_moments(pair_data(v, CUTOFF, ANGULAR_CUTOFF, kind, ETA), index, exponents, True)
-    torch.testing.assert_close(slopes, vmap(jacfwd(values))(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(slopes, vmap(jacfwd(values))(v).transpose(1, 2), rtol=1e-10, atol=1e-12)
     outside = v.norm(dim=1) >= ANGULAR_CUTOFF
     assert (terms[outside] == 0).all() and (slopes[outside] == 0).all() and (terms[~outside] != 0).any()
 

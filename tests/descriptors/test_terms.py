@@ -66,6 +66,7 @@ def test_angular_coefficients_give_the_derivatives_of_the_values(g4, kind):
         return angular(first, second, ETA, LAM, ZETA, norm, slope_norm, CUTOFF, ANGULAR_CUTOFF, kind, g4, slopes)
 
     values, c = terms(v_j, v_k, True)
+    c = c.transpose(1, 2)  # (Q, E·L, 4)
     d_j, d_k = vmap(jacfwd(lambda a, b: terms(a[None], b[None], False)[0][0], argnums=(0, 1)))(v_j, v_k)
     u_j, u_k = (v_j / v_j.norm(dim=1, keepdim=True))[:, None], (v_k / v_k.norm(dim=1, keepdim=True))[:, None]
     torch.testing.assert_close(c[..., 0:1] * u_j + c[..., 1:2] * u_k, d_j, rtol=1e-10, atol=1e-12)
