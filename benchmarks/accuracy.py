@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lmlp.config import config_from_dict, dump_config
+from lmlp.config import config_from_dict, dump_config, with_overrides
 from lmlp.data import read_structures
 from lmlp.fileio import atomic_write_text
 from lmlp.metrics import model_batch
@@ -67,22 +67,10 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 """Experiment name: overrides of ``BASE`` (dotted key: value)."""
 
 
-def overridden(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of the config mapping ``base`` with the dotted-key ``overrides`` set."""
-    config = json.loads(json.dumps(base))
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        node = config
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = value
-    return config
-
-
 def run(name: str) -> dict[str, Any]:
     """Train experiment ``name`` and return its record."""
     overrides = EXPERIMENTS[name]
-    cfg = config_from_dict(overridden(yaml.safe_load(BASE.read_text()), overrides), f"{BASE} + {name}")
+    cfg = config_from_dict(with_overrides(yaml.safe_load(BASE.read_text()), overrides), f"{BASE} + {name}")
     cfg = dataclasses.replace(cfg, name=name, output=dataclasses.replace(
         cfg.output, run_dir=f"runs/accuracy/{name}", progress=False))
     start = time.perf_counter()

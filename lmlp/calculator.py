@@ -24,6 +24,7 @@ import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -361,6 +362,7 @@ class LMLPCalculator(Calculator):
         positions = torch.from_numpy(atoms.positions)
         nb = self._update_neighbours(atoms)
         networks = self._networks
+        stress = stress and bool(atoms.pbc.any()) and atoms.cell.volume > 0
         if networks.gathered and len(nb.pair_blocks) <= 1 and len(nb.angular_blocks) <= 1:
             t = nb.terms
             atomic, forces, r, gradient = self._small_system(
@@ -370,24 +372,23 @@ class LMLPCalculator(Calculator):
                 t.angular_cutoff, t.cutoff_function, t.g4, t.moments, networks.mean, networks.inv_std,
                 networks.weights, networks.biases, networks.transposed, networks.activation, self.members,
                 nb.pair_layouts[0], nb.angular_layouts[0])
+            virials = kernels.pair_virials(gradient, positions[nb.j] - positions[nb.i] + nb.shifts) if stress else None
         else:
-            atomic, forces, r, gradient = self._blocked(nb, positions)
+            atomic, forces, r, virials = self._blocked(nb, positions, stress)
         closest = float(r.min()) if r.shape[0] else math.inf
         energies = atomic.to(torch.float64).sum(0) + self._baseline
-        virials = None
-        if stress and atoms.pbc.any() and atoms.cell.volume > 0:
-            virials = kernels.pair_virials(gradient, positions[nb.j] - positions[nb.i] + nb.shifts)
         return energies, forces.transpose(0, 1).to(torch.float64), closest, virials
 
     def _blocked(
-        self, nb: _Neighbours, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, nb: _Neighbours, positions: torch.Tensor, stress: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``kernels.small_system`` for larger systems: pairs and angular items in blocks (slopes
         kept while all of them fit in one block's budget, else recomputed for the gradients),
-        per-element networks when per-atom copies of the weights would be too large."""
+        per-element networks when per-atom copies of the weights would be too large. Returns atomic
+        energies (N, M), forces (N, M, 3), distances (P,) and, if ``stress``, virials (M, 3, 3)."""
         n, t = len(positions), nb.terms
-        v = (positions[nb.j] - positions[nb.i] + nb.shifts).to(self.dtype)
-        pairs = t.pair_data(v)
+        vectors = positions[nb.j] - positions[nb.i] + nb.shifts
+        pairs = t.pair_data(vectors.to(self.dtype))
         nb = self._angular_now(nb, pairs[:, 3])
         radial_sums = pairs.new_zeros(nb.n_elements * n, self._n_radial)
         keep_radial = len(nb.pair_blocks) <= 1 or pairs.shape[0] * self._n_radial <= BLOCK_FLOATS
@@ -408,8 +409,13 @@ class LMLPCalculator(Calculator):
                                                           t.moments)
         G = torch.cat([kernels.weighted_slots(radial_sums, nb.pair_weights, n), G_angular], 1)
         atomic, dE_dG = self._networks(G)
-        gradient = self._pair_gradients(nb, pairs, dE_dG, jacobian, radial_slopes, angular_slopes)
-        return atomic, kernels.pair_forces(gradient, nb.i, nb.j, n), pairs[:, 3], gradient
+        forces = pairs.new_zeros(n, self.members, 3)
+        virials = torch.zeros(self.members, 3, 3, dtype=torch.float64) if stress else None
+        for pair, gradient in self._pair_gradients(nb, pairs, dE_dG, jacobian, radial_slopes, angular_slopes):
+            kernels.add_pair_forces(forces, gradient, nb.i[pair], nb.j[pair])
+            if virials is not None:
+                virials += kernels.pair_virials(gradient, vectors[pair])
+        return atomic, forces, pairs[:, 3], virials
 
     def _angular_now(self, nb: _Neighbours, distances: torch.Tensor) -> _Neighbours:
         """``nb`` with only the angular items whose pairs are now inside the angular cutoff (the
@@ -542,31 +548,30 @@ class LMLPCalculator(Calculator):
     def _pair_gradients(
         self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor, jacobian: torch.Tensor,
         radial_slopes: list[torch.Tensor | None], angular_slopes: list[torch.Tensor | None],
-    ) -> torch.Tensor:
-        """dE_m/dv_p (P, M, 3) of every member m and pair vector v_p, eV/Å, block by block, with the
-        slopes of each block (recomputed where None).
+    ) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
+        """dE_m/dv_p of every member m and pair vector v_p, eV/Å, block by block with the slopes of
+        each block (recomputed where None): (pairs, gradients (B, M, 3)) for each radial block and
+        each angular block's pairs, so that no (P, M, 3) array is held (large systems stay in cache).
 
         dE/dG is first taken to the element slots (one matmul per kind, through the angular Jacobian
-        of ``kernels.angular_descriptors``), then gathered per pair and angular item and contracted
-        with the slopes (one bmm per kind and block).
+        of ``kernels.angular_descriptors``), then contracted with the slopes of the pairs and angular
+        items (``kernels.contract_slots``).
         """
         t = nb.terms
         n_radial = nb.pair_weights.shape[1] * self._n_radial
         radial_slots = kernels.slot_gradients(dE_dG[:, :, :n_radial], nb.pair_weights, self._n_radial)
         angular_slots = kernels.angular_slot_gradients(dE_dG[:, :, n_radial:], jacobian, t.moments)
-        gradient = pairs.new_empty(pairs.shape[0], self.members, 3)
         units = pairs[:, 0:3]
         for block, layout, slopes in zip(nb.pair_blocks, nb.pair_layouts, radial_slopes):
             if slopes is None:
                 slopes = t.radial(pairs[block], True)[1]
-            gradient[block] = kernels.radial_gradient(radial_slots, nb.pair_slot[block], slopes, units[block], layout)
+            yield block, kernels.radial_gradient(radial_slots, nb.pair_slot[block], slopes, units[block], layout)
         for block, layout, slopes in zip(nb.angular_blocks, nb.angular_layouts, angular_slopes):
             items = nb.items[:, block]
             if slopes is None:
                 slopes = t.angular_items(pairs, items, True)[1]
-            kernels.add_angular_gradient(gradient, angular_slots, nb.angular_slot[block], slopes, items, units,
-                                         t.moments, layout)
-        return gradient
+            yield from kernels.angular_pair_gradients(angular_slots, nb.angular_slot[block], slopes, items, units,
+                                                      t.moments, layout)
 
 
 def _item_width(terms: TermParameters) -> int:

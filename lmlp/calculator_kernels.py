@@ -163,22 +163,29 @@ def radial_gradient(slot_gradients: Tensor, slot: Tensor, slopes: Tensor, units:
     return contract_slots(slot_gradients, slot, slopes[:, None, :], layout) * units[:, None, :]
 
 
+def angular_pair_gradients(
+    slot_gradients: Tensor, slot: Tensor, slopes: Tensor, items: Tensor, units: Tensor, moments: bool,
+    layout: Optional[Layout],
+) -> List[Tuple[Tensor, Tensor]]:
+    """The angular items' dE_m/dv of their pairs, as (pair indices (Q,), gradients (Q, M, 3)): one
+    such part by moments (items (1, Q)), two over triples (items (2, Q), the first and the second
+    pair of each). ``slot_gradients`` (nz^k·N, M, C) of the slots ``slot`` (Q,) of the items,
+    ``slopes`` their moment slopes (Q, 3, C) or gradient coefficients (Q, 4, C), ``units`` (P, 3)
+    the pairs' unit vectors."""
+    contracted = contract_slots(slot_gradients, slot, slopes, layout)
+    if moments:
+        return [(items[0], contracted)]
+    on_j, on_k = angular_gradients(contracted, units.index_select(0, items[0]), units.index_select(0, items[1]))
+    return [(items[0], on_j), (items[1], on_k)]
+
+
 def add_angular_gradient(
     gradient: Tensor, slot_gradients: Tensor, slot: Tensor, slopes: Tensor, items: Tensor, units: Tensor,
     moments: bool, layout: Optional[Layout],
 ) -> None:
-    """Add the angular items' dE_m/dv of their pairs to ``gradient`` (P, M, 3): ``slot_gradients``
-    (nz^k·N, M, C) of the slots ``slot`` (Q,) of the items, ``slopes`` their moment slopes (Q, 3, C)
-    (moments, items (1, Q)) or gradient coefficients (Q, 4, C) (triples, items (2, Q)), ``units``
-    (P, 3) the pairs' unit vectors."""
-    contracted = contract_slots(slot_gradients, slot, slopes, layout)
-    if moments:
-        gradient.index_add_(0, items[0], contracted)
-        return
-    on_j, on_k = angular_gradients(contracted, units.index_select(0, items[0]),
-                                   units.index_select(0, items[1]))  # (Q, M, 3) each
-    gradient.index_add_(0, items[0], on_j)
-    gradient.index_add_(0, items[1], on_k)
+    """Add the ``angular_pair_gradients`` to ``gradient`` (P, M, 3) of the pairs."""
+    for pair, part in angular_pair_gradients(slot_gradients, slot, slopes, items, units, moments, layout):
+        gradient.index_add_(0, pair, part)
 
 
 def pair_gradients(
@@ -207,8 +214,13 @@ def pair_virials(gradient: Tensor, vectors: Tensor) -> Tensor:
 
 def pair_forces(gradient: Tensor, i: Tensor, j: Tensor, n_atoms: int) -> Tensor:
     """Forces (N, M, 3) eV/Å from dE_m/dv (P, M, 3) of the pair vectors v = R_j − R_i + shift."""
-    forces = gradient.new_zeros(n_atoms, gradient.shape[1], 3).index_add_(0, i, gradient)
-    return forces.index_add_(0, j, -gradient)
+    return add_pair_forces(gradient.new_zeros(n_atoms, gradient.shape[1], 3), gradient, i, j)
+
+
+def add_pair_forces(forces: Tensor, gradient: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """``forces`` (N, M, 3) eV/Å plus those of dE_m/dv (P, M, 3) of pair vectors v = R_j − R_i + shift."""
+    forces.index_add_(0, i, gradient)
+    return forces.index_add_(0, j, gradient, alpha=-1)  # no negated copy: a tenth of a large step
 
 
 def small_system(

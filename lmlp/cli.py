@@ -31,6 +31,9 @@ app.add_typer(config_app, name="config")
 SkipInvalid = Annotated[
     bool, typer.Option("--skip-invalid", help="Drop invalid structures (and report them) instead of failing.")
 ]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a config key: KEY=VALUE with a dotted key and a YAML value, e.g. --set data.max_train=100 "
+                  "(repeatable).")]
 
 
 def _command_line() -> str:
@@ -371,17 +374,18 @@ def train_command(
     continue_from: Annotated[Optional[Path], typer.Option(
         help="Continual learning: start from this model file (and the optimizer and selection state of the "
              "checkpoint_last.pt beside it) on the config's, possibly grown, data.")] = None,
+    set_: SetOption = None,
 ) -> None:
     """Train an lMLP ensemble; writes the run directory and prints the RMSE table."""
     from lmlp import distributed
-    from lmlp.config import load_config
+    from lmlp.config import load_config, parse_overrides
     from lmlp.train import format_table, train
 
     if (config is None) == (resume is None):
         raise LmlpError("give a config file, or --resume RUN_DIR (whose config.yaml is used), not both")
-    if resume is not None and continue_from is not None:
-        raise LmlpError("--resume continues a run as it was started; --continue-from is for a new run")
-    cfg = load_config(config or resume / "config.yaml")
+    if resume is not None and (continue_from is not None or set_):
+        raise LmlpError("--resume continues a run as it was started; --continue-from and --set are for a new run")
+    cfg = load_config(config or resume / "config.yaml", parse_overrides(set_ or []))
     with distributed.processes(cfg.training.device) as workers:
         result = train(cfg, resume=resume is not None, continue_from=continue_from, workers=workers)
     if workers.main:
@@ -492,20 +496,20 @@ def export_command(
 
 
 @config_app.command("check")
-def config_check(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+def config_check(config: Annotated[Path, typer.Argument(help="YAML config file.")], set_: SetOption = None) -> None:
     """Validate a config file."""
-    from lmlp.config import load_config
+    from lmlp.config import load_config, parse_overrides
 
-    load_config(config)
+    load_config(config, parse_overrides(set_ or []))
     typer.echo(f"{config}: ok")
 
 
 @config_app.command("show")
-def config_show(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+def config_show(config: Annotated[Path, typer.Argument(help="YAML config file.")], set_: SetOption = None) -> None:
     """Print the resolved config, every default filled in."""
-    from lmlp.config import dump_config, load_config
+    from lmlp.config import dump_config, load_config, parse_overrides
 
-    typer.echo(dump_config(load_config(config)), nl=False)
+    typer.echo(dump_config(load_config(config, parse_overrides(set_ or []))), nl=False)
 
 
 def _report_skipped(source: Path, problems: list) -> None:

@@ -255,6 +255,10 @@ class TrainingConfig:
     """Step-size factor of a retried epoch."""
     divergence_retries: int = _field(5, ge=1)
     """Retries of one epoch before the run stops with an error."""
+    refit_reference_energies: bool = False
+    """A continued run (``--continue-from``) first refits the per-element reference energies E_ref
+    to its training data (least squares of the energies minus the networks' sum): for labels from
+    another method (e.g. GFN2-xTB → DFT), whose total energies differ by per-element constants."""
 
     def validate(self) -> None:
         """The loss must have a nonzero term."""
@@ -274,6 +278,9 @@ class DataConfig:
     """Use only structures with these labels (e.g. "F+CH3Cl"); null: all."""
     max_structures: int | None = _field(None, ge=1)
     """Use at most this many structures; null: all."""
+    max_train: int | None = _field(None, ge=1)
+    """Train on the first this many structures of the training split (file order; null: all);
+    validation and test stay whole (learning curves over the training-set size)."""
     extra_test: list[str] = _field([], unique=True)
     """Independent test files (e.g. data/sn2_gfn2xtb_independent.h5): every structure of each
     (of the configured reactions) is evaluated once after training and reported beside the test split."""
@@ -550,8 +557,40 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config file; an empty file gives all defaults."""
+def with_overrides(data: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the config mapping ``data`` (None: empty) with the dotted-key ``overrides``
+    (e.g. ``{"data.max_train": 100}``) set; the result is validated as any config."""
+    config = copy.deepcopy(data) if data is not None else {}
+    if not isinstance(config, dict):
+        return config  # rejected by the validation
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = config
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {section} is not a section")
+        node[key] = value
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (dotted keys, YAML values) as a mapping for ``with_overrides``."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.max_train=100")
+        try:
+            overrides[key.strip()] = yaml.load(value, Loader=_Loader)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return overrides
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file, with the dotted-key ``overrides`` (``with_overrides``)
+    set; an empty file gives all defaults."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -566,6 +605,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
+    if overrides:
+        data = with_overrides(data, overrides)
+        source += " with --set " + ", ".join(overrides)
     return config_from_dict(data, source)
 
 

@@ -200,6 +200,13 @@ class HDNNPEnsemble(torch.nn.Module):
         """(n_elements,) float64 E_ref per element, eV."""
         return self.reference_energies_micro_ev.to(torch.float64) * 1e-6
 
+    def set_reference_energies(self, reference_energies: torch.Tensor) -> None:
+        """Replace E_ref (n_elements,) eV, in the order of ``elements``."""
+        if reference_energies.shape != self.reference_energies_micro_ev.shape:
+            raise ValueError(f"{len(self.elements)} reference energies expected, got {tuple(reference_energies.shape)}")
+        micro_ev = torch.round(reference_energies.detach().to(torch.float64) * 1e6).to(torch.int64)
+        self.reference_energies_micro_ev = micro_ev.to(self.reference_energies_micro_ev.device)
+
     def element_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """(N,) position of each atom's element in ``elements``; ValueError for unknown ones."""
         size = max(int(self.elements.max()), int(numbers.max()) if len(numbers) else 0) + 1

@@ -1,11 +1,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from factories import TINY
 
 from lmlp.data import read_structures, write_structures
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def lmlp(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -53,12 +56,21 @@ def test_convert_round_trip_and_skip_report(tmp_path, molecules):
     (("config", "check", "absent.yaml"), "absent.yaml: no such file"),
     (("train", "--resume", "absent"), "absent/config.yaml: no such file"),
     (("train",), "give a config file, or --resume RUN_DIR"),
+    (("train", "--resume", "absent", "--set", "training.epochs=3"), "--continue-from and --set are for a new run"),
+    (("config", "check", CONFIGS / "sn2.yaml", "--set", "training.epochs=0"),
+     "with --set training.epochs: training.epochs: got 0, expected an integer >= 1"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, message):
     result = lmlp(*args, cwd=tmp_path)
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
+
+
+def test_config_show_applies_set_overrides():
+    shown = lmlp("config", "show", CONFIGS / "sn2.yaml", "--set", "data.max_train=100", "--set", "name=dft")
+    assert shown.returncode == 0, shown.stderr
+    assert "  max_train: 100\n" in shown.stdout and shown.stdout.startswith("name: dft\n")
 
 
 def test_data_merge_joins_files_and_splits(tmp_path):

@@ -16,6 +16,8 @@ from lmlp.config import (
     config_from_dict,
     dump_config,
     load_config,
+    parse_overrides,
+    with_overrides,
 )
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.errors import ConfigError
@@ -264,3 +266,28 @@ def test_names_and_defaults_come_from_their_one_source():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["gelu", "lion", "3.0"]
+
+
+def test_set_overrides_keys_of_a_config_file():
+    overrides = parse_overrides(["data.max_train=100", "optimizer.params={p_frozen: 0}", "name=x", "data.reactions=null"])
+    assert overrides == {"data.max_train": 100, "optimizer.params": {"p_frozen": 0}, "name": "x", "data.reactions": None}
+    cfg = load_config(CONFIGS / "sn2.yaml", overrides)
+    assert (cfg.data.max_train, cfg.optimizer.params, cfg.name) == (100, {"p_frozen": 0}, "x")
+    assert cfg.descriptor == load_config(CONFIGS / "sn2.yaml").descriptor  # the rest of the file stays
+    base = {"data": {"path": "a.h5"}}
+    assert with_overrides(base, {"data.max_train": 5, "training.epochs": 3}) == {
+        "data": {"path": "a.h5", "max_train": 5}, "training": {"epochs": 3}}
+    assert base == {"data": {"path": "a.h5"}}  # a copy
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("data.max_trian=5", "with --set data.max_trian: data.max_trian: unknown key; "),
+    ("foo", "--set 'foo': expected KEY=VALUE, e.g. data.max_train=100"),
+    ("=3", "--set '=3': expected KEY=VALUE"),
+    ("name=[1", "--set 'name=[1': the value is not valid YAML"),
+    ("name.x=1", "--set name.x: name is not a section"),
+])
+def test_bad_set_overrides_are_one_line_errors(item, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "sn2.yaml", parse_overrides([item]))
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -2,7 +2,9 @@
 selection state of the ``checkpoint_last.pt`` beside it, carry over to a data set that grew.
 
 Structures are matched by content; new ones enter the selection with p_new, and networks for new
-elements are added with reference energies fitted on the new data. The report compares the
+elements are added with reference energies fitted on the new data. With
+``training.refit_reference_energies`` every element's reference energy is first refitted to the
+new training data (labels from another method). The report compares the
 ensemble test RMSEs per label before and after the continued run.
 """
 
@@ -15,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmlp.batch import chunks, predict_all
 from lmlp.config import Config
 from lmlp.data import StructureSet
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.distributed import Workers
 from lmlp.errors import LmlpError
-from lmlp.metrics import Metrics, evaluate_model
+from lmlp.metrics import Metrics, evaluate_model, model_batch
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
 from lmlp.modelfile import load_model
 from lmlp.selection import DataSelection
@@ -66,6 +69,23 @@ def add_new_elements(model: HDNNPEnsemble, train_set: StructureSet) -> None:
     if new:
         e_ref = fit_reference_energies(train_set.numbers, train_set.offsets, train_set.energy, new, known)
         model.add_elements(new, torch.from_numpy(e_ref))
+
+
+def refit_reference_energies(model: HDNNPEnsemble, train_set: StructureSet) -> np.ndarray:
+    """Refit E_ref (eV) of every element to ``train_set``: least squares of its energies minus the
+    networks' sum (ensemble mean), so that the networks keep what they learned and only the
+    per-element constants change (new labels from another method, e.g. GFN2-xTB → DFT, differ by
+    such constants, hundreds of eV per atom). Returns the old E_ref, in the order of ``elements``."""
+    old = model.reference_energies.clone()
+    energies, _ = predict_all(model, chunks(model_batch(model, train_set)))
+    device = model.elements.device
+    baseline = model.reference_baseline(torch.from_numpy(train_set.numbers).to(device),
+                                        torch.from_numpy(train_set.offsets).to(device))
+    networks = energies.mean(0).cpu() - baseline.cpu().to(torch.float64)
+    elements = model.elements.tolist()
+    model.set_reference_energies(torch.from_numpy(fit_reference_energies(
+        train_set.numbers, train_set.offsets, train_set.energy - networks.numpy(), elements)))
+    return old.numpy()
 
 
 def carried_optimizer(cfg: Config, model: HDNNPEnsemble, saved: Checkpoint, workers: Workers,

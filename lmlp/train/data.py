@@ -62,7 +62,7 @@ def load_training_data(cfg: Config) -> StructureSet:
     unknown = set(cfg.data.reactions or ()) - set(s.label.tolist())
     if unknown:
         raise LmlpError(f"data.reactions: {sorted(unknown)} not in {cfg.data.path}")
-    return _filtered(s, cfg.data.reactions, cfg.data.max_structures)
+    return _filtered(s, cfg.data.reactions, cfg.data.max_structures, cfg.data.max_train)
 
 
 def load_extra_test(cfg: Config, path: str) -> StructureSet:
@@ -70,20 +70,25 @@ def load_extra_test(cfg: Config, path: str) -> StructureSet:
     s, problems = load(path, on_invalid=cfg.data.on_invalid)
     for p in problems:
         print(f"{path}: skipped structure {p.index}: {p.reason}", flush=True)
-    subset = _filtered(s, cfg.data.reactions, None)
+    subset = _filtered(s, cfg.data.reactions, None, None)
     if len(subset) == 0:
         raise LmlpError(f"data.extra_test: {path} has no structures of the configured reactions")
     return subset
 
 
-def _filtered(s: StructureSet, reactions: list[str] | None, max_structures: int | None) -> StructureSet:
-    """``s`` restricted to the labels ``reactions`` and the first ``max_structures`` structures
-    (None: no restriction), its split renumbered."""
+def _filtered(s: StructureSet, reactions: list[str] | None, max_structures: int | None,
+              max_train: int | None) -> StructureSet:
+    """``s`` restricted to the labels ``reactions``, the first ``max_structures`` structures and of
+    the training split the first ``max_train`` (None: no restriction), its split renumbered."""
     keep = np.ones(len(s), dtype=bool)
     if reactions is not None:
         keep &= np.isin(s.label.astype(str), reactions)
     if max_structures is not None:
         keep &= np.cumsum(keep) <= max_structures
+    if max_train is not None and "train" in s.split:
+        train = np.zeros(len(s), dtype=bool)
+        train[s.split["train"]] = True
+        keep &= ~train | (np.cumsum(keep & train) <= max_train)
     if keep.all():
         return s
     new_index = np.cumsum(keep) - 1

@@ -30,6 +30,7 @@ from lmlp.config import Config
 from lmlp.data import StructureSet
 from lmlp.descriptors import SymmetryFunctions
 from lmlp.distributed import Workers
+from lmlp.elements import symbol
 from lmlp.errors import LmlpError
 from lmlp.metrics import Metrics, evaluate, evaluate_model, model_batch
 from lmlp.model import HDNNPEnsemble
@@ -46,6 +47,7 @@ from lmlp.train.continual import (
     carry_selection,
     continual_report,
     known_structures,
+    refit_reference_energies,
 )
 from lmlp.train.data import TrainingData, closest_pair_distance, fingerprints
 from lmlp.train.early_stopping import EarlyStopping
@@ -80,7 +82,7 @@ def train(cfg: Config, resume: bool = False, continue_from: str | Path | None = 
 class _Setup:
     """What a run starts from: its config, processes, precision, data and descriptor; the checkpoint
     of a resumed run (``saved``) or the model of a continued one (``carried``, from ``continue_from``);
-    messages for the log (``fallbacks``) and the start time (``time.perf_counter``, s)."""
+    messages for the log (``notes``) and the start time (``time.perf_counter``, s)."""
 
     cfg: Config
     workers: Workers
@@ -91,7 +93,7 @@ class _Setup:
     carried: Carried | None
     continue_from: Path | None
     descriptor: SymmetryFunctions
-    fallbacks: list[str]
+    notes: list[str]
     start_time: float
 
 
@@ -105,15 +107,15 @@ def _train(cfg: Config, resume: bool, continue_from: Path | None, workers: Worke
         raise LmlpError(f"{workers.size} processes but ensemble.members = {cfg.ensemble.members}: training "
                         f"spreads the members, so use at most {cfg.ensemble.members} processes")
     data = TrainingData.load(cfg)
-    fallbacks: list[str] = []
-    saved = Checkpoint.load(cfg.run_dir / LAST, fallbacks.append) if resume else None
+    notes: list[str] = []
+    saved = Checkpoint.load(cfg.run_dir / LAST, notes.append) if resume else None
     if saved is not None:
         continue_from = saved.continued_from
-    carried = carry_over(cfg, continue_from, fallbacks.append) if continue_from is not None else None
+    carried = carry_over(cfg, continue_from, notes.append) if continue_from is not None else None
     descriptor = carried.model.descriptor if carried is not None else SymmetryFunctions.from_config(
         cfg.descriptor, sorted(set(data.structures.numbers.tolist())))
     setup = _Setup(cfg, workers, device, getattr(torch, cfg.training.dtype), data, saved, carried, continue_from,
-                   descriptor, fallbacks, start_time)
+                   descriptor, notes, start_time)
     caches = build_caches(cfg, {"train": data.train, data.validation_split: data.validation}, descriptor,
                           setup.dtype, workers, device)
     try:
@@ -135,7 +137,7 @@ def _run(setup: _Setup, caches: list[Cache]) -> TrainingResult:
     log_path = cfg.run_dir / "train.log" if workers.main else cfg.run_dir / "logs" / f"rank{workers.rank}.log"
     log = RunLog(log_path, cfg.output.progress, t.epochs, first_epoch, quiet=not workers.main)
     try:
-        for message in setup.fallbacks:
+        for message in setup.notes:
             log(message)
         if data.validation_split == "test":
             log(f"warning: {cfg.data.path} has no validation split, so early stopping uses the test split and "
@@ -158,6 +160,11 @@ def _ensemble(setup: _Setup, train_cache: Cache) -> tuple[HDNNPEnsemble, dict[st
         ensemble = build_model(cfg, data.train, train_cache.standardizer(), setup.descriptor)
         return ensemble.to(setup.device, setup.dtype), {}, None
     ensemble = carried.model.to(setup.device, setup.dtype)
+    if t.refit_reference_energies:
+        old = refit_reference_energies(ensemble, data.train)
+        setup.notes.append("reference energies refitted to the training data: " + ", ".join(
+            f"{symbol(int(z))} {a:.4f} → {b:.4f} eV" for z, a, b in
+            zip(ensemble.elements.tolist(), old, ensemble.reference_energies.tolist())))
     known = known_structures(ensemble, data.test())
     before = evaluate_model(ensemble, known, t.energy_weight, t.force_weight) if len(known) else {}
     add_new_elements(ensemble, data.train)

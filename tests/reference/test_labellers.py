@@ -138,6 +138,20 @@ def test_pyscf_labels_anion_and_iodine_molecule():
         np.testing.assert_allclose(atoms.get_forces().sum(axis=0), 0.0, atol=5e-3)
 
 
+def test_pyscf_scf_that_diis_leaves_unconverged_is_finished_by_second_order_steps(monkeypatch):
+    pytest.importorskip("pyscf")
+    hydroxide = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    labeller = get_labeller("pyscf", basis="def2-svp")
+    energy, forces = labeller.label(hydroxide, -1)
+    monkeypatch.setattr(labeller, "max_cycle", 2)  # DIIS stops after two iterations, unconverged
+    newton_energy, newton_forces = labeller.label(hydroxide, -1)
+    assert newton_energy == pytest.approx(energy, abs=1e-6)
+    np.testing.assert_allclose(newton_forces, forces, atol=1e-4)
+    monkeypatch.setattr(labeller, "newton_max_cycle", 1)  # too few second-order steps: a failure
+    with pytest.raises(LabelFailure, match="did not converge"):
+        labeller.label(hydroxide, -1)
+
+
 def test_pyscf_rejects_odd_electron_count():
     pytest.importorskip("pyscf")
     with pytest.raises(LabelError, match="odd number of electrons"):
