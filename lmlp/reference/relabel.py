@@ -5,8 +5,8 @@ HDF5 file and writes them, with the source's labels, trajectory ids and split, t
 The work is cut into chunks of a few structures; each finished chunk is its own file under
 ``<out>.parts/``, so an interrupted run (or one stopped by its time budget) loses at most the chunk
 in progress and the next run continues. Structures whose SCF fails are counted and left out.
-Until every chunk is done, ``out`` holds what is finished (attribute ``complete`` "false"), so
-partial progress can be used and shipped as it grows.
+Until every chunk is done, ``out`` holds what is finished (attribute ``complete`` "false"; rewritten
+after every chunk), so partial progress can be used and shipped as it grows.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import copy
 import hashlib
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -88,20 +89,27 @@ def relabel(
     _check_parts(parts, key)
     start = time.monotonic()
     todo = [c for c in chunks if not c.path.exists()]
-    done_now = _label_chunks(s, todo, labeller, key, workers, start, time_budget, progress)
-    finished = [c for c in chunks if c.path.exists()]
-    labelled = [read_structures(c.path)[0] for c in finished]
+
+    def write_out() -> tuple[list[StructureSet], bool]:
+        """``out`` from every finished chunk; those chunks' structures and whether all are done."""
+        finished = [c for c in chunks if c.path.exists()]
+        labelled = [read_structures(c.path)[0] for c in finished]
+        complete = len(finished) == len(chunks)
+        if labelled:
+            write_structures(out, _merged(s, labelled, len(finished), labeller, selection, command, len(indices),
+                                          complete))
+        return labelled, complete
+
+    done_now = _label_chunks(s, todo, labeller, key, workers, start, time_budget, progress, write_out)
+    labelled, complete = write_out()
     n_failed = sum(int(p.attrs["n_failed_labels"]) for p in labelled)
-    complete = len(finished) == len(chunks)
-    if labelled:
-        merged = _merged(s, labelled, len(finished), labeller, selection, command, len(indices), complete)
-        write_structures(out, merged)
+    finished = len(labelled)
     if complete:
         for c in chunks:
             c.path.unlink()
         (parts / "settings").unlink()
         parts.rmdir()
-    return RelabelReport(len(indices), sum(len(p) for p in labelled), n_failed, done_now, len(finished),
+    return RelabelReport(len(indices), sum(len(p) for p in labelled), n_failed, done_now, finished,
                          len(chunks), time.monotonic() - start, complete)
 
 
@@ -168,8 +176,9 @@ def _check_parts(parts: Path, key: str) -> None:
 
 
 def _label_chunks(s: StructureSet, todo: list[_Chunk], labeller: Labeller, key: str, workers: int,
-                  start: float, time_budget: float | None, progress: bool) -> int:
-    """Label the chunks ``todo`` until done or out of time; return how many were finished."""
+                  start: float, time_budget: float | None, progress: bool, finished_one: Callable[[], object]) -> int:
+    """Label the chunks ``todo`` until done or out of time, calling ``finished_one`` after each
+    chunk but the last; return how many were finished."""
     done = 0
 
     def in_time() -> bool:
@@ -179,6 +188,8 @@ def _label_chunks(s: StructureSet, todo: list[_Chunk], labeller: Labeller, key: 
         for c in todo:
             if not in_time():
                 break
+            if done:
+                finished_one()
             _say(_label_chunk(s.subset(c.indices), c, labeller, key), progress)
             done += 1
         return done
@@ -195,6 +206,8 @@ def _label_chunks(s: StructureSet, todo: list[_Chunk], labeller: Labeller, key: 
             pending.pop(finished)
             _say(finished.result(), progress)
             done += 1
+            if queue or pending:
+                finished_one()
     return done
 
 

@@ -167,3 +167,22 @@ def test_cli_chooses_indices_for_relabel(tiny, tmp_path):
     assert len(chosen) == 32 and set(chosen) <= set(tiny.split["train"])
     assert len(set(tiny.label[chosen])) == len(set(tiny.label[tiny.split["train"]]))  # every reaction
     assert out.read_text().startswith("# 32 of the 160 train structures")
+
+
+class Watching(Quadratic):
+    """Quadratic, recording how many structures ``out`` holds whenever a structure is labelled."""
+
+    def __init__(self, out: Path):
+        self.out, self.seen = out, []
+
+    def label(self, atoms, charge):
+        self.seen.append(len(read_structures(self.out)[0]) if self.out.exists() else 0)
+        return super().label(atoms, charge)
+
+
+def test_out_holds_every_finished_chunk_while_the_next_is_labelled(tmp_path):
+    out = tmp_path / "dft.h5"
+    labeller = Watching(out)
+    relabel(TINY, out, labeller, np.arange(7), chunk_size=3)
+    assert labeller.seen == [0, 0, 0, 3, 3, 3, 6]
+    assert len(read_structures(out)[0]) == 7
