@@ -313,7 +313,8 @@ def data_relabel(
                      time_budget=None if time_budget is None else 60.0 * time_budget,
                      selection=selection, command=_command_line(), progress=True)
     typer.echo(f"{out}: {report.n_labelled} of {report.n_selected} structures labelled with {labeller.method} "
-               f"({report.n_failed} failed SCFs, not stored); {report.chunks_done} of {report.chunks} chunks done"
+               f"({report.n_failed} failed SCFs and {report.n_inconsistent} labels inconsistent with the source's, "
+               f"not stored); {report.chunks_done} of {report.chunks} chunks done"
                + ("" if report.complete else " - re-run the command to continue"))
 
 

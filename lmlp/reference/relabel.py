@@ -29,14 +29,24 @@ from lmlp.errors import LmlpError
 from lmlp.reference.labellers import Labeller, label_structures
 
 
+MAX_SHIFT_DEVIATION = 1.0
+"""eV/atom. Two reasonable methods' energies of one composition differ by a nearly constant shift
+(B3LYP − GFN2-xTB over the SN2 structures of one reaction: within ±0.15 eV/atom). A new label
+whose shift from the source label is further than this from the median shift of its composition
+is an SCF that converged to a wrong state (seen: F⁻ 10 Å from CH₃I, 82 eV/atom above the others,
+20 eV/Å forces) and is left out as inconsistent."""
+
+
 @dataclass(frozen=True)
 class RelabelReport:
     """What a ``relabel`` call did: structures chosen, labelled so far (all runs), failed SCFs,
-    chunks done by this call and in total, its wall time (s) and whether every chunk is done."""
+    labels left out as inconsistent with the source (``inconsistent_labels``), chunks done by this
+    call and in total, its wall time (s) and whether every chunk is done."""
 
     n_selected: int
     n_labelled: int
     n_failed: int
+    n_inconsistent: int
     chunks_done_now: int
     chunks_done: int
     chunks: int
@@ -103,14 +113,34 @@ def relabel(
     done_now = _label_chunks(s, todo, labeller, key, workers, start, time_budget, progress, write_out)
     labelled, complete = write_out()
     n_failed = sum(int(p.attrs["n_failed_labels"]) for p in labelled)
+    n_inconsistent = int(read_structures(out)[0].attrs["n_inconsistent_labels"]) if labelled else 0
     finished = len(labelled)
     if complete:
         for c in chunks:
             c.path.unlink()
         (parts / "settings").unlink()
         parts.rmdir()
-    return RelabelReport(len(indices), sum(len(p) for p in labelled), n_failed, done_now, finished,
-                         len(chunks), time.monotonic() - start, complete)
+    return RelabelReport(len(indices), sum(len(p) for p in labelled) - n_inconsistent, n_failed, n_inconsistent,
+                         done_now, finished, len(chunks), time.monotonic() - start, complete)
+
+
+def inconsistent_labels(new: StructureSet, old: StructureSet) -> np.ndarray:
+    """(S,) bool: the structures whose energy shift new − old (eV) is more than
+    ``MAX_SHIFT_DEVIATION`` per atom from the median shift of their composition (compositions with
+    at least 3 structures; ``new`` and ``old`` hold the same structures)."""
+    shift = new.energy - old.energy
+    n_atoms = np.diff(new.offsets)
+    elements, element = np.unique(new.numbers, return_inverse=True)
+    counts = np.zeros((len(new), len(elements)), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(len(new)), n_atoms), element), 1)
+    _, composition = np.unique(counts, axis=0, return_inverse=True)
+    bad = np.zeros(len(new), dtype=bool)
+    for c in np.unique(composition):
+        members = np.flatnonzero(composition == c)
+        if len(members) >= 3:
+            deviation = np.abs(shift[members] - np.median(shift[members])) / n_atoms[members]
+            bad[members] = deviation > MAX_SHIFT_DEVIATION
+    return bad
 
 
 def choose_for_labelling(
@@ -230,10 +260,14 @@ def _label_chunk(part: StructureSet, chunk: _Chunk, labeller: Labeller, key: str
 
 def _merged(s: StructureSet, labelled: list[StructureSet], n_chunks: int, labeller: Labeller,
             selection: str, command: str, n_selected: int, complete: bool) -> StructureSet:
-    """The finished chunks joined, with the source's split restricted to them and provenance."""
+    """The finished chunks joined, without ``inconsistent_labels``, with the source's split restricted to
+    them and provenance."""
     merged = concatenate(labelled)
     source_index = np.concatenate([np.array(p.attrs["source_indices"].split(","), dtype=np.int64)
                                    if p.attrs["source_indices"] else np.zeros(0, np.int64) for p in labelled])
+    inconsistent = inconsistent_labels(merged, s.subset(source_index))
+    merged, dropped, source_index = merged.subset(np.flatnonzero(~inconsistent)), source_index[inconsistent], \
+        source_index[~inconsistent]
     if s.trajectory is not None:
         merged.trajectory = s.trajectory[source_index]
     merged.split = {name: np.flatnonzero(np.isin(source_index, idx)) for name, idx in s.split.items()}
@@ -243,6 +277,7 @@ def _merged(s: StructureSet, labelled: list[StructureSet], n_chunks: int, labell
         "sampling": s.attrs.get("sampling", ""), "relabelled_from": f"{s.attrs.get('method', '?')} data",
         "selection": selection, "command": command, "n_selected": str(n_selected),
         "n_failed_labels": str(sum(int(p.attrs["n_failed_labels"]) for p in labelled)),
+        "n_inconsistent_labels": str(len(dropped)), "inconsistent_source_indices": ",".join(map(str, dropped)),
         "labelling_seconds": f"{seconds:.0f}", "complete": "true" if complete else "false",
         "chunks": str(n_chunks),
     }

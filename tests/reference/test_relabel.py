@@ -17,12 +17,13 @@ TINY = Path(__file__).parents[2] / "data" / "sn2_tiny.h5"
 
 
 class Quadratic(Labeller):
-    """A stand-in method: energy −Σ|R|² + charge, forces 2R (eV, eV/Å)."""
+    """A stand-in method: energy −0.01 Σ|R|² + charge, forces 0.02 R (eV, eV/Å); its shift from the
+    GFN2-xTB labels varies by < 0.3 eV/atom within a reaction, as another real method's would."""
 
     method, program, program_version = "quadratic", "test", "0"
 
     def label(self, atoms, charge):
-        return -float((atoms.positions**2).sum()) + charge, 2.0 * atoms.positions
+        return -0.01 * float((atoms.positions**2).sum()) + charge, 0.02 * atoms.positions
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_chosen_structures_get_new_labels_and_keep_split_and_trajectory(tiny, tm
     assert report.complete and (report.n_selected, report.n_labelled, report.n_failed, report.chunks) == (7, 7, 0, 3)
     s = read_structures(out)[0]
     np.testing.assert_allclose(s.positions.reshape(7, 6, 3), tiny.positions.reshape(-1, 6, 3)[chosen])
-    np.testing.assert_allclose(s.energy, [-(tiny.atoms(i).positions ** 2).sum() - 1 for i in chosen])
+    np.testing.assert_allclose(s.energy, [-0.01 * (tiny.atoms(i).positions ** 2).sum() - 1 for i in chosen])
     np.testing.assert_array_equal(s.trajectory, tiny.trajectory[chosen])
     np.testing.assert_array_equal(s.label, tiny.label[chosen])
     side = {i: name for name, idx in tiny.split.items() for i in idx}
@@ -186,3 +187,27 @@ def test_out_holds_every_finished_chunk_while_the_next_is_labelled(tmp_path):
     relabel(TINY, out, labeller, np.arange(7), chunk_size=3)
     assert labeller.seen == [0, 0, 0, 3, 3, 3, 6]
     assert len(read_structures(out)[0]) == 7
+
+
+class OneWrongState(Quadratic):
+    """Quadratic, but structure ``wrong`` (by its first coordinate) 300 eV too high, as an SCF
+    converged to a wrong state."""
+
+    def __init__(self, wrong_x: float):
+        self.wrong_x = wrong_x
+
+    def label(self, atoms, charge):
+        energy, forces = super().label(atoms, charge)
+        return energy + (300.0 if atoms.positions[0, 0] == self.wrong_x else 0.0), forces
+
+
+def test_labels_inconsistent_with_the_source_are_left_out_and_counted(tiny, tmp_path):
+    chosen = np.flatnonzero(tiny.label == tiny.label[0])[:8]  # one composition
+    wrong = chosen[3]
+    out = tmp_path / "dft.h5"
+    report = relabel(TINY, out, OneWrongState(float(tiny.atoms(int(wrong)).positions[0, 0])), chosen, chunk_size=3)
+    assert (report.n_labelled, report.n_inconsistent) == (7, 1)
+    s = read_structures(out)[0]
+    assert len(s) == 7 and s.attrs["n_inconsistent_labels"] == "1"
+    assert s.attrs["inconsistent_source_indices"] == str(wrong)
+    assert np.all(s.energy < 0.0)  # the 300 eV one is not among them
