@@ -39,7 +39,7 @@ import torch
 from ase.units import kcal, mol
 
 from lmlp.batch import chunks, predict_all
-from lmlp.config import load_config
+from lmlp.config import load_config, parse_overrides
 from lmlp.data import StructureSet, read_structures
 from lmlp.metrics import evaluate_model, model_batch
 from lmlp.model import HDNNPEnsemble, fit_reference_energies
@@ -64,13 +64,14 @@ KCAL_MOL = kcal / mol
 """1 kcal/mol in eV."""
 
 
-def run(variant: str, n: int, independent: Path) -> dict[str, Any]:
-    """Train (or read) one variant with the first ``n`` DFT training structures (0: all)."""
+def run(variant: str, n: int, independent: Path, runs: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Train (or read) one variant with the first ``n`` DFT training structures (0: all) in ``runs``,
+    with the config overrides ``extra``."""
     _, continued, p_frozen = VARIANTS[variant]
-    run_dir = RUNS / f"{variant}-{n or 'all'}"
+    run_dir = runs / f"{variant}-{n or 'all'}"
     overrides = {"name": run_dir.name, "output.run_dir": str(run_dir), "output.progress": False,
                  "optimizer.params.p_frozen": p_frozen, "data.max_train": n or None,
-                 "data.extra_test": [str(independent)]}
+                 "data.extra_test": [str(independent)], **extra}
     if not (run_dir / "metrics.json").is_file():
         cfg = load_config(CONFIG, overrides)
         train(cfg, continue_from=XTB_MODEL if continued else None)
@@ -189,10 +190,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("examples/results/dft-transfer"))
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs go")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (as lmlp train --set), e.g. training.epochs=20")
     parser.add_argument("--independent", type=Path, help="independent DFT file (default: the config's; e.g. a "
                         "copy of a partly labelled one, so that every run sees the same structures)")
     args = parser.parse_args()
-    cfg = load_config(CONFIG)
+    extra = parse_overrides(args.set)
+    cfg = load_config(CONFIG, extra)
     independent = args.independent or Path(cfg.data.extra_test[0])
     available = len(read_structures(cfg.data.path)[0].split["train"])
     labels = read_structures(TRAIN_LABELS)[0]
@@ -200,11 +205,11 @@ def main() -> None:
     sizes = [n for n in args.sizes if n <= available]
     if len(sizes) < len(args.sizes):
         print(f"{cfg.data.path} has {available} DFT training structures: sizes above it skipped", file=sys.stderr)
-    records = [run(variant, n, independent) for n in sizes for variant in args.variants]
-    largest = RUNS / f"continued-p0.1-{max(sizes, key=lambda n: n or available) or 'all'}" / "model.pt"
+    records = [run(variant, n, independent, args.runs, extra) for n in sizes for variant in args.variants]
+    largest = args.runs / f"continued-p0.1-{max(sizes, key=lambda n: n or available) or 'all'}" / "model.pt"
     results = {"method": labels.attrs["method"], "seconds_per_structure": seconds, "runs": records,
                "independent": {"path": str(independent), "structures": len(read_structures(independent)[0])},
-               "barrier_model": str(largest), "barriers": barriers(largest, independent),
+               "barrier_model": str(largest), "barriers": barriers(largest, independent) if largest.is_file() else {},
                "labelling_saved": labelling_saved(records, seconds)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

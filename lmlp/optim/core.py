@@ -129,6 +129,18 @@ class CoRe(torch.optim.Optimizer):
             group.setdefault("member_dim", self.defaults.get("member_dim"))
             _check_group(group)
 
+    def refresh_frozen_counts(self) -> None:
+        """Set every parameter's n_frozen from its group's current ``frozen`` fraction (the state
+        keeps the count it started with): for groups whose settings changed after a state was loaded,
+        e.g. a continued run with another p_frozen."""
+        for group in self.param_groups:
+            fractions = group["frozen"]
+            for index, p in enumerate(group["params"]):
+                if "frozen" in self.state.get(p, {}):
+                    _, group_size = _member_shape(p, group["member_dim"])
+                    self.state[p]["frozen"] = int(fractions[index % len(fractions)] * group_size)
+        self._layouts = {}
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One update of every parameter that has a gradient; returns the closure's loss."""

@@ -101,6 +101,8 @@ def carried_optimizer(cfg: Config, model: HDNNPEnsemble, saved: Checkpoint, work
     optimizer.load_state_dict(workers.local_optimizer_state(saved.optimizer, optimizer, members))
     for group, fresh in zip(optimizer.param_groups, settings):
         group.update(fresh)
+    if hasattr(optimizer, "refresh_frozen_counts"):  # CoRe: this config's p_frozen, not the earlier run's
+        optimizer.refresh_frozen_counts()
     for group in optimizer_groups(cfg, model.networks[n_known:]):
         optimizer.add_param_group(group)
     return optimizer

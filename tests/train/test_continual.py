@@ -119,3 +119,14 @@ def test_continued_run_on_other_labels_refits_the_reference_energies(continued, 
     cfg.output.run_dir = str(tmp_path / "no-refit")
     unrefitted = train(cfg, continue_from=first.run_dir / "model.pt").continual[EARLIER]["before"]
     assert unrefitted["rmse_e"] > 100 * before["rmse_e"]
+
+
+def test_continued_run_takes_this_configs_p_frozen(continued, tmp_path):
+    first, _ = continued
+    weights = []
+    for p_frozen in (0.0, 0.1):
+        cfg = tiny_config(tmp_path / f"p{p_frozen}", epochs=3, early_stopping=False)
+        cfg.optimizer.params.update(p_frozen=p_frozen, t_hist=5)  # freezing acts from step 6 (the run has 40)
+        result = train(cfg, continue_from=first.run_dir / "model.pt")
+        weights.append(load_model(result.run_dir / "model.pt")[0].state_dict())
+    assert any(not np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
