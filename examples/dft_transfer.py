@@ -121,6 +121,20 @@ def barriers(model_path: Path, independent: Path) -> dict[str, dict[str, float]]
     return out
 
 
+def barrier_report(runs: Path, n: int, independent: Path) -> dict[str, Any]:
+    """``barriers`` of each variant's model with ``n`` DFT structures (0: all), with their mean and
+    largest absolute error (kcal/mol)."""
+    report = {"independent": str(independent)}
+    for variant in VARIANTS:
+        model = runs / f"{variant}-{n or 'all'}" / "model.pt"
+        if model.is_file():
+            b = barriers(model, independent)
+            errors = np.abs([v["lmlp"] - v["dft"] for v in b.values()])
+            report[variant] = {"model": str(model), "reactions": len(b), "mae": float(errors.mean()),
+                               "max_abs": float(errors.max()), "barriers": b}
+    return report
+
+
 def labelling_saved(records: list[dict[str, Any]], seconds_per_structure: float) -> dict[str, Any]:
     """DFT structures (and hours) the scratch model would need for the continued (p_frozen 0.1)
     model's test force error at each size, minus those used: log-log interpolation of the scratch
@@ -198,7 +212,18 @@ def main() -> None:
                         help="config override for every run (as lmlp train --set), e.g. training.epochs=20")
     parser.add_argument("--independent", type=Path, help="independent DFT file (default: the config's; e.g. a "
                         "copy of a partly labelled one, so that every run sees the same structures)")
+    parser.add_argument("--barriers-only", action="store_true",
+                        help="only the barriers of the existing runs with the largest size, on --independent, to "
+                             "OUT/barriers.json (e.g. once more scans are labelled than the runs were evaluated on)")
     args = parser.parse_args()
+    if args.barriers_only:
+        report = barrier_report(args.runs, max(args.sizes, key=lambda n: n or 10**9), args.independent)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "barriers.json").write_text(json.dumps(report, indent=2))
+        for variant, r in report.items():
+            if variant != "independent":
+                print(f"{variant:15s} {r['reactions']} reactions: MAE {r['mae']:.2f}, max {r['max_abs']:.2f} kcal/mol")
+        return
     extra = parse_overrides(args.set)
     cfg = load_config(CONFIG, extra)
     independent = args.independent or Path(cfg.data.extra_test[0])
