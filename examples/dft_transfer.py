@@ -29,23 +29,24 @@ Writes ``results.json``, ``transfer.png`` and ``results.md`` (tables) to ``--out
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ase.units import kcal, mol
 
 from lmlp.batch import chunks, predict_all
 from lmlp.config import load_config, parse_overrides
 from lmlp.data import StructureSet, read_structures
 from lmlp.metrics import evaluate_model, model_batch
-from lmlp.model import HDNNPEnsemble, fit_reference_energies
+from lmlp.model import HDNNPEnsemble
 from lmlp.modelfile import load_model
 from lmlp.reference.sn2 import INDEPENDENT_PARTS
 from lmlp.train import train
+from lmlp.train.continual import refit_reference_energies
 
 CONFIG = Path("configs/sn2-dft.yaml")
 XTB_MODEL = Path("runs/sn2/model.pt")
@@ -93,12 +94,10 @@ def xtb_ability(model: HDNNPEnsemble) -> dict[str, float]:
     """Ensemble RMSE against GFN2-xTB on its test split: forces as they are, energies after E_ref is
     refitted to the xTB energies (meV/atom, meV/Å)."""
     s = read_structures(XTB_DATA)[0].split_subset("test")
-    forces = evaluate_model(model, s)["all"].ensemble["rmse_f"]
-    energies = structure_energies(model, s)
-    e_ref = fit_reference_energies(s.numbers, s.offsets, s.energy - energies, model.elements.tolist())
-    shift = np.add.reduceat(e_ref[model.element_index(torch.from_numpy(s.numbers)).numpy()], s.offsets[:-1])
-    error = (energies + shift - s.energy) / np.diff(s.offsets)
-    return {"rmse_e": 1000 * float(np.sqrt(np.mean(error**2))), "rmse_f": forces}
+    refitted = copy.deepcopy(model)
+    refit_reference_energies(refitted, s)
+    metrics = evaluate_model(refitted, s)["all"].ensemble
+    return {"rmse_e": metrics["rmse_e"], "rmse_f": metrics["rmse_f"]}
 
 
 def structure_energies(model: HDNNPEnsemble, s: StructureSet) -> np.ndarray:

@@ -493,7 +493,7 @@ class LMLPCalculator(Calculator):
         n = len(atoms)
         order = torch.argsort(element[nb.pairs[1]] * n + nb.pairs[0], stable=True)  # by slot
         i, j, shifts = nb.pairs[0, order], nb.pairs[1, order], nb.shifts[order].to(torch.float64)
-        distances = (torch.from_numpy(atoms.positions)[j] - torch.from_numpy(atoms.positions)[i] + shifts).norm(dim=1)
+        distances = nb.vectors(torch.from_numpy(atoms.positions)).norm(dim=1)[order]
         angular_cutoff = descriptor.angular_cutoff + self.skin
         moments = self._terms.moments and self._moments_pay_off(i[distances < angular_cutoff], n, nz)
         terms = self._terms if moments else dataclasses.replace(self._terms, moments=False)

@@ -100,27 +100,29 @@ def relabel(
     start = time.monotonic()
     todo = [c for c in chunks if not c.path.exists()]
 
-    def write_out() -> tuple[list[StructureSet], bool]:
-        """``out`` from every finished chunk; those chunks' structures and whether all are done."""
+    def write_out() -> tuple[list[StructureSet], StructureSet | None, bool]:
+        """``out`` from every finished chunk; those chunks' structures, what was written (None if
+        nothing is finished) and whether all are done."""
         finished = [c for c in chunks if c.path.exists()]
         labelled = [read_structures(c.path)[0] for c in finished]
         complete = len(finished) == len(chunks)
+        merged = None
         if labelled:
-            write_structures(out, _merged(s, labelled, len(finished), labeller, selection, command, len(indices),
-                                          complete))
-        return labelled, complete
+            merged = _merged(s, labelled, len(finished), labeller, selection, command, len(indices), complete)
+            write_structures(out, merged)
+        return labelled, merged, complete
 
     done_now = _label_chunks(s, todo, labeller, key, workers, start, time_budget, progress, write_out)
-    labelled, complete = write_out()
+    labelled, merged, complete = write_out()
     n_failed = sum(int(p.attrs["n_failed_labels"]) for p in labelled)
-    n_inconsistent = int(read_structures(out)[0].attrs["n_inconsistent_labels"]) if labelled else 0
+    n_inconsistent = 0 if merged is None else int(merged.attrs["n_inconsistent_labels"])
     finished = len(labelled)
     if complete:
         for c in chunks:
             c.path.unlink()
         (parts / "settings").unlink()
         parts.rmdir()
-    return RelabelReport(len(indices), sum(len(p) for p in labelled) - n_inconsistent, n_failed, n_inconsistent,
+    return RelabelReport(len(indices), 0 if merged is None else len(merged), n_failed, n_inconsistent,
                          done_now, finished, len(chunks), time.monotonic() - start, complete)
 
 
