@@ -109,9 +109,9 @@ def angular_slot_gradients(dE_dG: Tensor, jacobian: Tensor, moments: bool) -> Te
     return slot_gradients(dE_dG, jacobian, dE_dG.shape[2] // jacobian.shape[1])
 
 
-Layout = Tuple[Tensor, Tensor, int]
+Layout = Tuple[Tensor, Tensor, Tensor, int]
 """Where ``contract_slots`` puts each pair or item (``chunk_layout``): (index (B,) into the padded
-chunks, slot (C,) of each chunk, chunk width W)."""
+chunks, the padding rows (R,) of the chunks, slot (C,) of each chunk, chunk width W)."""
 CHUNK_WIDTH_MAX = 32
 """Widest chunk of ``chunk_layout``, pairs or items."""
 
@@ -134,7 +134,8 @@ def chunk_layout(slot: Tensor) -> Optional[Layout]:
     rank = torch.arange(slot.shape[0]) - start[ordered]
     index = torch.empty_like(slot)
     index[order] = (first_chunk[ordered] + torch.div(rank, width, rounding_mode="floor")) * width + rank % width
-    return index, torch.repeat_interleave(ids, chunks), width
+    padding = torch.ones(int(chunks.sum()) * width, dtype=torch.bool).index_fill_(0, index, False)
+    return index, torch.nonzero(padding).flatten(), torch.repeat_interleave(ids, chunks), width
 
 
 def contract_slots(slot_gradients: Tensor, slot: Tensor, values: Tensor, layout: Optional[Layout]) -> Tensor:
@@ -148,9 +149,10 @@ def contract_slots(slot_gradients: Tensor, slot: Tensor, values: Tensor, layout:
     """
     if layout is None:
         return torch.bmm(slot_gradients.index_select(0, slot), values.transpose(1, 2))
-    index, chunk_slot, width = layout
+    index, padding, chunk_slot, width = layout
     n_chunks, n_out, n_terms = chunk_slot.shape[0], values.shape[1], values.shape[2]
-    padded = values.new_zeros(n_chunks * width, n_out, n_terms).index_copy_(0, index, values)
+    padded = values.new_empty(n_chunks * width, n_out, n_terms).index_fill_(0, padding, 0.0).index_copy_(0, index,
+                                                                                                          values)
     out = torch.bmm(padded.view(n_chunks, width * n_out, n_terms),
                     slot_gradients.index_select(0, chunk_slot).transpose(1, 2))  # (C, W·X, M)
     return out.view(n_chunks * width, n_out, -1).index_select(0, index).transpose(1, 2)
@@ -204,6 +206,12 @@ def pair_gradients(
     return gradient
 
 
+def mean_gradient(dE_dG: Tensor) -> Tensor:
+    """The ensemble mean of dE_m/dG (N, M, F) as (N, 1, F): contracted with the slopes like one member, it
+    gives the ensemble-mean forces and virials (the contraction is linear) at 1/M of the members' cost."""
+    return dE_dG.mean(1, keepdim=True)
+
+
 def pair_virials(gradient: Tensor, vectors: Tensor) -> Tensor:
     """Member virials (M, 3, 3) float64 eV, W_ab = Σ_p (dE_m/dv_p)_a v_pb, from the pair gradients
     (P, M, 3) eV/Å and pair vectors (P, 3) Å: the strain derivative of the energy."""
@@ -214,13 +222,17 @@ def pair_virials(gradient: Tensor, vectors: Tensor) -> Tensor:
 
 def pair_forces(gradient: Tensor, i: Tensor, j: Tensor, n_atoms: int) -> Tensor:
     """Forces (N, M, 3) eV/Å from dE_m/dv (P, M, 3) of the pair vectors v = R_j − R_i + shift."""
-    return add_pair_forces(gradient.new_zeros(n_atoms, gradient.shape[1], 3), gradient, i, j)
+    sums = gradient.new_zeros(2, n_atoms, gradient.shape[1], 3)
+    add_pair_gradients(sums, gradient, i, j)
+    return sums[0] - sums[1]
 
 
-def add_pair_forces(forces: Tensor, gradient: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """``forces`` (N, M, 3) eV/Å plus those of dE_m/dv (P, M, 3) of pair vectors v = R_j − R_i + shift."""
-    forces.index_add_(0, i, gradient)
-    return forces.index_add_(0, j, gradient, alpha=-1)  # no negated copy: a tenth of a large step
+def add_pair_gradients(sums: Tensor, gradient: Tensor, i: Tensor, j: Tensor) -> None:
+    """Add dE_m/dv (P, M, 3) of pair vectors v = R_j − R_i + shift to ``sums`` (2, N, M, 3), over the
+    pairs' centres i and over their neighbours j: the forces are sums[0] − sums[1]. (``index_add_``
+    with ``alpha=-1`` would take the difference directly, but runs about ten times slower.)"""
+    sums[0].index_add_(0, i, gradient)
+    sums[1].index_add_(0, j, gradient)
 
 
 def small_system(
@@ -230,12 +242,14 @@ def small_system(
     cutoff: float, angular_cutoff: float, cutoff_function: str, g4: bool, moments: bool,
     mean: Tensor, inv_std: Tensor, weights: List[Tensor], biases: List[Tensor], transposed: List[Tensor],
     activation: int, members: int, pair_layout: Optional[Layout], angular_layout: Optional[Layout],
+    mean_forces: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One whole evaluation, all pairs and angular items in one block, per-atom network weights.
 
     positions (N, 3) float64 Å; the rest as in ``lmlp.calculator._Neighbours``, ``TermParameters``,
     ``gathered_networks`` and ``contract_slots``, in the compute dtype. Returns atomic energies (N, M) eV, forces
-    (N, M, 3) eV/Å, the pair distances (P,) Å and dE_m/dv of the pair vectors (P, M, 3) eV/Å.
+    (N, M', 3) eV/Å, the pair distances (P,) Å and dE_m/dv of the pair vectors (P, M', 3) eV/Å: M' = M member
+    forces, or with ``mean_forces`` M' = 1, the ensemble mean (``mean_gradient``).
     """
     n = positions.shape[0]
     v = (positions.index_select(0, j) - positions.index_select(0, i) + shifts).to(radial_eta.dtype)
@@ -246,6 +260,8 @@ def small_system(
     G, jacobian = descriptors(rad, ang, pair_slot, angular_slot, pair_weights, angular_weights, coefficients, n,
                               moments)
     atomic, dE_dG = gathered_networks(G, mean, inv_std, weights, biases, transposed, activation, members)
+    if mean_forces:
+        dE_dG = mean_gradient(dE_dG)
     assert rad_slopes is not None and ang_slopes is not None
     gradient = pair_gradients(dE_dG, pair_weights, jacobian, pair_slot, angular_slot, rad_slopes, ang_slopes,
                               pairs[:, 0:3], items, moments, pair_layout, angular_layout)

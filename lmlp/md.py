@@ -39,7 +39,9 @@ try:  # ASE >= 3.29
 except ImportError:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
-from lmlp.calculator import ENERGY_FACTOR, FORCE_FACTOR, LMLPCalculator, UncertaintyThresholds
+from lmlp.calculator import (
+    ENERGY_FACTOR, FORCE_FACTOR, LMLPCalculator, UncertaintyThresholds, max_force_uncertainty,
+)
 from lmlp.data import read_structures
 from lmlp.data.convert import H5_SUFFIXES, read_images
 from lmlp.errors import LmlpError
@@ -98,7 +100,7 @@ class UncertaintyMonitor:
         atoms.get_potential_energy()
         results = atoms.calc.results
         per_atom = results["energy_uncertainty"] / len(atoms)
-        max_force = float(np.max(results["forces_uncertainty"], initial=0.0))
+        max_force = max_force_uncertainty(results)
         self.max_energy_uncertainty = max(self.max_energy_uncertainty, per_atom)
         self.max_force_uncertainty = max(self.max_force_uncertainty, max_force)
         if not self.thresholds.exceeded(results, len(atoms)):
@@ -118,8 +120,9 @@ class UncertaintyMonitor:
             frame.info["time_fs"] = step * self.dynamics.dt / units.fs
         frame.info["energy_uncertainty"] = results["energy_uncertainty"]
         frame.info["energy_uncertainty_per_atom"] = results["energy_uncertainty"] / len(atoms)
-        frame.info["max_force_uncertainty"] = float(np.max(results["forces_uncertainty"], initial=0.0))
-        frame.arrays["forces_uncertainty"] = np.array(results["forces_uncertainty"])
+        if "forces_uncertainty" in results:
+            frame.info["max_force_uncertainty"] = max_force_uncertainty(results)
+            frame.arrays["forces_uncertainty"] = np.array(results["forces_uncertainty"])
         frame.calc = SinglePointCalculator(frame, energy=results["energy"], forces=results["forces"])
         if self.n_written == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +176,8 @@ class MDSummary:
         mean_temperature: mean instantaneous temperature, K.
         mean_volume: mean cell volume, Å³ (periodic cells; None for molecules).
         max_energy_uncertainty: largest ensemble energy standard deviation per atom, meV/atom.
-        max_force_uncertainty: largest force-component standard deviation, meV/Å.
+        max_force_uncertainty: largest force-component standard deviation, meV/Å (None without
+            member forces).
         thresholds: the uncertainty thresholds, or None when the model has no validation (or test) RMSEs.
         n_uncertain: steps 0..steps above a threshold. n_flagged: structures written to ``flagged``.
         too_close_count: calculations with atoms closer than the training minimum distance.
@@ -191,7 +195,7 @@ class MDSummary:
     mean_temperature: float
     mean_volume: float | None
     max_energy_uncertainty: float
-    max_force_uncertainty: float
+    max_force_uncertainty: float | None
     thresholds: UncertaintyThresholds | None
     n_uncertain: int
     n_flagged: int
@@ -218,8 +222,9 @@ class MDSummary:
         t = self.thresholds
         limits = (f" (thresholds {t.energy_per_atom * 1000:.2f} meV/atom, {t.forces * 1000:.0f} meV/Å)"
                   if t is not None else " (no thresholds: the model file has no validation RMSEs)")
-        lines.append(f"max uncertainty: energy {self.max_energy_uncertainty:.2f} meV/atom, "
-                     f"forces {self.max_force_uncertainty:.0f} meV/Å{limits}")
+        forces = ("not computed (mean forces only)" if self.max_force_uncertainty is None
+                  else f"{self.max_force_uncertainty:.0f} meV/Å")
+        lines.append(f"max uncertainty: energy {self.max_energy_uncertainty:.2f} meV/atom, forces {forces}{limits}")
         lines.append(f"uncertain steps: {self.n_uncertain}"
                      + (f"; {self.n_flagged} structures written to {self.flagged}" if self.flagged else ""))
         close = (f"{self.too_close_count} calculations with atoms closer than the training minimum "
@@ -308,6 +313,7 @@ def run_md(
     progress: bool = False,
     pressure_bar: float = 1.0,
     backend: str = "script",
+    member_forces: bool = True,
 ) -> MDSummary:
     """Run MD of ``start`` with the lMLP ``model`` and return a summary.
 
@@ -334,12 +340,15 @@ def run_md(
         progress: show a progress bar.
         pressure_bar: NPT external pressure, bar.
         backend: the calculator's kernel backend (``LMLPCalculator``).
+        member_forces: compute every member's forces for the force uncertainty (``LMLPCalculator``);
+            False: ensemble-mean forces only, faster for condensed systems, flagged by energy alone.
     """
     _check_arguments(ensemble, temperature_K, timestep_fs, steps, friction_per_fs, trajectory_interval)
     atoms = start.copy() if isinstance(start, Atoms) else read_start(start, start_index)
     if ensemble == "npt" and not atoms.pbc.all():
         raise LmlpError(f"NPT needs a cell periodic in x, y and z; the start structure has pbc {atoms.pbc.tolist()}")
-    calc = LMLPCalculator(model, dtype=dtype, min_distance=min_distance, metadata=metadata, backend=backend)
+    calc = LMLPCalculator(model, dtype=dtype, min_distance=min_distance, metadata=metadata, backend=backend,
+                         member_forces=member_forces)
     thresholds = UncertaintyThresholds.from_metadata(calc.metadata, energy_factor, force_factor)
     if flagged_path is not None and thresholds is None:
         raise LmlpError("the model file has no validation or test RMSEs (metadata validation_rmse_e, test_rmse_e): "
@@ -368,7 +377,7 @@ def run_md(
         mean_temperature=float(np.mean(energy.temperatures)),
         mean_volume=float(np.mean(energy.volumes)) if energy.volumes else None,
         max_energy_uncertainty=monitor.max_energy_uncertainty * 1000,
-        max_force_uncertainty=monitor.max_force_uncertainty * 1000,
+        max_force_uncertainty=monitor.max_force_uncertainty * 1000 if member_forces else None,
         thresholds=thresholds, n_uncertain=monitor.n_uncertain, n_flagged=monitor.n_written,
         too_close_count=calc.too_close_count, min_distance=calc.min_distance,
         trajectory=None if out_trajectory is None else str(out_trajectory),

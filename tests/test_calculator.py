@@ -370,3 +370,45 @@ def test_one_calculator_serves_several_compositions(tiny, model):
         assert_matches_model(calc, model, tiny.atoms(i))
     fragment = Atoms("HCH", positions=[[0, 0, 0], [0, 0, 1.1], [1.0, 0, 1.5]])
     assert_matches_model(calc, model, fragment)
+
+
+def test_calculator_keeps_freed_memory(model, monkeypatch):
+    import lmlp.memory
+
+    calls = []
+    monkeypatch.setattr(lmlp.memory, "keep_freed_memory", lambda: calls.append(True))
+    LMLPCalculator(model)
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_mean_forces_equal_the_members_mean(tiny, monkeypatch, blocked, angular_items):
+    """``member_forces=False`` contracts the members' mean dE/dG once: the same ensemble forces and
+    stress, the energies and their uncertainty kept, no member forces."""
+    if blocked:
+        monkeypatch.setattr(calculator, "BLOCK_FLOATS", 400)
+        monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    model = build_model(tiny, DescriptorConfig(cutoff=5.0, angular_cutoff=3.5))
+    atoms = tiny.atoms(3)
+    atoms.set_cell([[6.0, 0.3, 0.0], [-0.4, 5.5, 0.2], [0.1, 0.0, 6.2]])
+    atoms.pbc = True
+    for i in range(2):
+        atoms.calc = LMLPCalculator(model)
+        stress, members = atoms.get_stress(), atoms.calc.results
+        atoms.calc = LMLPCalculator(model, member_forces=False)
+        np.testing.assert_allclose(atoms.get_stress(), stress, rtol=0, atol=1e-12)
+        mean = atoms.calc.results
+        np.testing.assert_allclose(mean["forces"], members["forces"], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(mean["energies"], members["energies"])
+        assert mean["energy_uncertainty"] == members["energy_uncertainty"] > 0
+        assert not {"forces_members", "forces_uncertainty", "stress_members"} & set(mean)
+        atoms.positions[0] += 0.2
+
+
+def test_mean_forces_flag_by_energy_alone(tiny, model):
+    atoms = tiny.atoms(0)
+    atoms.calc = LMLPCalculator(model, member_forces=False)
+    atoms.get_forces()
+    sigma = atoms.calc.results["energy_uncertainty"] / len(atoms)
+    assert UncertaintyThresholds(sigma * 1.01, 0.0).exceeded(atoms.calc.results, len(atoms)) is False
+    assert UncertaintyThresholds(sigma * 0.99, 0.0).exceeded(atoms.calc.results, len(atoms)) is True

@@ -111,6 +111,16 @@ def test_monitor_below_the_thresholds_writes_nothing(tmp_path, model, start):
     assert monitor.max_energy_uncertainty > 0 and monitor.max_force_uncertainty > 0
 
 
+def test_mean_forces_flag_by_energy_and_write_no_force_uncertainty(tmp_path, model_file, start):
+    summary = run_md(model_file, start, ensemble="nvt", temperature_K=300, steps=10, seed=2,
+                     flagged_path=tmp_path / "flagged.xyz", energy_factor=0.0, max_flagged=1, member_forces=False)
+    frame = ase.io.read(tmp_path / "flagged.xyz")
+    assert "forces_uncertainty" not in frame.arrays and "max_force_uncertainty" not in frame.info
+    assert frame.info["energy_uncertainty"] > 0 and summary.n_uncertain == 11
+    assert summary.max_force_uncertainty is None
+    assert "forces not computed (mean forces only)" in summary.format()
+
+
 def test_short_nve_run_conserves_energy(model_file, start):
     summary = run_md(model_file, start, ensemble="nve", temperature_K=300, timestep_fs=0.5, steps=400,
                      dtype=torch.float64, seed=1)
@@ -173,10 +183,11 @@ def test_cli_md_runs_and_prints_the_summary(tmp_path, model_file, start):
     result = subprocess.run(
         [sys.executable, "-m", "lmlp", "md", str(model_file), str(tmp_path / "start.xyz"), "--steps", "20",
          "--out", str(tmp_path / "md.traj"), "--flagged", str(tmp_path / "flagged.xyz"), "--energy-factor", "0",
-         "--flag-interval", "8", "--min-distance", "1.2", "--no-progress"],
+         "--flag-interval", "8", "--min-distance", "1.2", "--no-progress", "--mean-forces"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "MD NVE: 20 steps of 0.5 fs" in result.stdout and "total energy drift" in result.stdout
+    assert "forces not computed (mean forces only)" in result.stdout
     assert "21 calculations with atoms closer than the training minimum 1.200 Å" in result.stdout  # C–H 1.1 Å
     assert len(ase.io.read(tmp_path / "md.traj", index=":")) == 3
     assert [f.info["step"] for f in ase.io.read(tmp_path / "flagged.xyz", index=":")] == [0, 8, 16]

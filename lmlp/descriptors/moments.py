@@ -107,7 +107,7 @@ def pair_moments(pairs: Tensor, index: Tensor, exponents: Tensor, slopes: bool) 
     along = dg * torch.cat([per_eta, 2.0 * g], 2)  # (P, E, K): d/dr at fixed u
     across = (dm - exponents.sum(1) * m[:, None, :] * u[:, :, None]) * inv_r[:, :, None]  # (P, 3, A)
     across = torch.cat([across, across.new_zeros(n_pairs, 3, 1)], 2)  # at fixed r; g² has none
-    gradient = along[:, None] * u[:, :, None, None] + g[:, None] * across[:, :, None]  # (P, 3, E, K)
+    gradient = (along[:, None] * u[:, :, None, None]).addcmul_(g[:, None], across[:, :, None])  # (P, 3, E, K)
     return values.flatten(1), gradient.flatten(2)
 
 

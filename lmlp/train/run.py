@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmlp import distributed
+from lmlp import distributed, memory
 from lmlp.batch import chunks
 from lmlp.config import Config
 from lmlp.data import StructureSet
@@ -67,8 +67,10 @@ def train(cfg: Config, resume: bool = False, continue_from: str | Path | None = 
     ends with the same weights as an uninterrupted one. ``continue_from`` (a model file) starts a
     continual-learning run from a trained model (``lmlp.train.continual``). ``workers``: the
     processes sharing the members (``lmlp.distributed``; default: the torchrun process group if
-    one is initialised, else this process alone).
+    one is initialised, else this process alone). Sets the C allocator to keep freed memory for
+    reuse (``lmlp.memory``).
     """
+    memory.keep_freed_memory()
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
