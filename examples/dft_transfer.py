@@ -22,7 +22,8 @@ lowest scan point of the independent set; model against DFT). The DFT labelling 
 number of DFT structures the scratch model needs for the continued model's test error (interpolated on
 its learning curve, log-log) minus those used, times the measured seconds per structure.
 
-Runs go to ``runs/dft-transfer/<variant>-<n>``; a run whose ``metrics.json`` exists is not repeated.
+Runs go to ``runs/dft-transfer/<variant>-<n>``; a run whose ``metrics.json`` exists is not repeated
+(its model is evaluated on the independent set if the run was not).
 Writes ``results.json``, ``transfer.png`` and ``results.md`` (tables) to ``--out``.
 """
 
@@ -80,9 +81,11 @@ def run(variant: str, n: int, independent: Path, runs: Path, extra: dict[str, An
     model, _ = load_model(run_dir / "model.pt")
     cfg = load_config(CONFIG, overrides)
     n_train = len(read_structures(cfg.data.path)[0].split["train"]) if not n else n
+    evaluated = metrics.get("extra_test", {})
     record = {"variant": variant, "n": n_train, "run_dir": str(run_dir), "wall_s": round(metrics["wall_time_s"], 1),
               "validation": metrics["validation"]["ensemble"], "test": metrics["test"]["ensemble"],
-              "independent": metrics["extra_test"][str(independent)]["ensemble"],
+              "independent": (evaluated[str(independent)]["ensemble"] if str(independent) in evaluated
+                              else evaluate_model(model, read_structures(independent)[0])["all"].ensemble),
               "xtb_test": xtb_ability(model)}
     print(f"{variant:15s} n={n_train:5d}  test {record['test']['rmse_e']:.2f} / {record['test']['rmse_f']:.1f}  "
           f"independent {record['independent']['rmse_e']:.2f} / {record['independent']['rmse_f']:.1f}  "
