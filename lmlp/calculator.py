@@ -11,8 +11,7 @@ neighbours, or their triples: ``_Neighbours``) and element weights of its pairs,
 terms' analytic slopes (``lmlp.descriptors.terms``). Each step evaluates the symmetry functions
 once, dE/dG of all members with per-atom gathered network weights (small systems) or the model's
 per-element networks, and contracts dE/dG with the pair and angular item slopes for all members
-at once; no autograd.
-The arithmetic is in ``lmlp.calculator_kernels``: a small molecule's whole step is one compiled
+at once (or only their mean, ``member_forces=False``); no autograd. The arithmetic is in ``lmlp.calculator_kernels``: a small molecule's whole step is one compiled
 call (``backend``). Pairs beyond the cutoffs contribute exactly zero (the cutoff
 functions), so the results equal ``HDNNPEnsemble.forward``.
 """
@@ -238,13 +237,14 @@ class LMLPCalculator(Calculator):
             compilation of tens of seconds on first use) or "eager".
         member_forces: compute every member's forces (and stress), for ``forces_uncertainty``
             (default). False computes only the ensemble-mean forces and stress, from the members'
-            mean dE/dG: the same numbers to round-off, 2–3× faster for condensed systems (the
+            mean dE/dG: the same numbers to round-off, 1.3–1.5× faster for condensed systems (the
             contraction with the slopes is done once instead of M times); energies, their
             uncertainty and the energy criterion of ``is_uncertain`` stay.
 
     The network weights are copied (per atom, for speed) when a composition is first seen: build a
     new calculator after changing the model's weights. Creating a calculator sets the C allocator
-    to keep freed memory for reuse (``lmlp.memory``): large systems run up to twice as fast.
+    to keep freed memory for reuse (``lmlp.memory``; the radial terms of a dense 100-atom system
+    took up to 4× longer while its temporaries were faulted in anew each call).
 
     Besides ``energy``, ``free_energy`` (equal), ``forces`` and, for periodic cells, ``stress``
     (ASE's Voigt order xx, yy, zz, yz, xz, xy; eV/Å³; (1/V) ∂E/∂ε, the strain derivative at fixed
@@ -378,9 +378,9 @@ class LMLPCalculator(Calculator):
                           f"further cases are not warned about)", TooCloseWarning, stacklevel=2)
 
     def _evaluate(self, atoms: Atoms, stress: bool) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-        """Member energies (M,) eV, member forces (M, N, 3) eV/Å (float64), the closest distance, Å,
-        and if ``stress``, for periodic cells, the member virials (M, 3, 3) eV, W_ab = Σ_p (∂E/∂v_p)_a v_pb
-        (else None)."""
+        """Member energies (M,) eV, forces (M', N, 3) eV/Å (float64; M' = M members, or 1, the ensemble
+        mean, without ``member_forces``), the closest distance, Å, and if ``stress``, for periodic
+        cells, the virials (M', 3, 3) eV, W_ab = Σ_p (∂E/∂v_p)_a v_pb (else None)."""
         positions = torch.from_numpy(atoms.positions)
         nb = self._update_neighbours(atoms)
         networks = self._networks
@@ -407,7 +407,7 @@ class LMLPCalculator(Calculator):
         """``kernels.small_system`` for larger systems: pairs and angular items in blocks (slopes
         kept while all of them fit in one block's budget, else recomputed for the gradients),
         per-element networks when per-atom copies of the weights would be too large. Returns atomic
-        energies (N, M), forces (N, M, 3), distances (P,) and, if ``stress``, virials (M, 3, 3)."""
+        energies (N, M), forces (N, M', 3), distances (P,) and, if ``stress``, virials (M', 3, 3)."""
         n, t = len(positions), nb.terms
         vectors = positions.index_select(0, nb.j) - positions.index_select(0, nb.i) + nb.shifts
         pairs = t.pair_data(vectors.to(self.dtype))
