@@ -1,6 +1,7 @@
 """The allocator settings of ``lmlp.memory``."""
 
 import ctypes
+import platform
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 from lmlp import memory
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_glibc_takes_both_thresholds():
     """``mallopt`` answers 1 for each value it accepts; the settings are process-wide, hence a fresh
     process."""
