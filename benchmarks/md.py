@@ -28,10 +28,12 @@ so both codes get one core.
    MD. A point: the first call (neighbour list, set-up, compilation) is timed apart, then the best
    of 3 blocks of about ``--budget``/3 s each (at least one call per block), once with every
    member's forces (the calculator's default, for the force uncertainty) and once with the
-   ensemble-mean forces only ("mean F", ``member_forces=False``). Printed with it: neighbours per atom (within cutoff + 1 Å skin) and angular items per atom (the calculator's
-   choice: neighbours within the angular cutoff + skin, summed by moments, or their triples). The
-   calculator backends "script" (the scaling runs) and "eager" are compared at 6 and 100 atoms,
-   and "compile" at 6 atoms with ``--compile`` (its first call compiles for tens of seconds: reported as the first-call time, not in the rate). GFN2-xTB
+   ensemble-mean forces only ("mean F", ``member_forces=False``). Printed with it: neighbours per
+   atom (within cutoff + 1 Å skin) and angular items per atom (the calculator's choice: neighbours
+   within the angular cutoff + skin, summed by moments, or their triples). The calculator backends
+   "script" (the scaling runs) and "eager" are compared at 6 and 100 atoms, and "compile" at 6
+   atoms with ``--compile`` (its first call compiles for tens of seconds: reported as the
+   first-call time, not in the rate). GFN2-xTB
    (``tblite.ase.TBLite``, whose previous wavefunction is the next start guess, as in MD) runs at
    the requested sizes up to ``--xtb-max-atoms`` (1000 includes the 1002-atom SN2 box); failures
    (e.g. no SCF convergence) are reported, not raised.

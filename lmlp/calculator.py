@@ -11,9 +11,10 @@ neighbours, or their triples: ``_Neighbours``) and element weights of its pairs,
 terms' analytic slopes (``lmlp.descriptors.terms``). Each step evaluates the symmetry functions
 once, dE/dG of all members with per-atom gathered network weights (small systems) or the model's
 per-element networks, and contracts dE/dG with the pair and angular item slopes for all members
-at once (or only their mean, ``member_forces=False``); no autograd. The arithmetic is in ``lmlp.calculator_kernels``: a small molecule's whole step is one compiled
-call (``backend``). Pairs beyond the cutoffs contribute exactly zero (the cutoff
-functions), so the results equal ``HDNNPEnsemble.forward``.
+at once (or only their mean, ``member_forces=False``); no autograd. The arithmetic is in
+``lmlp.calculator_kernels``: a small molecule's whole step is one compiled call (``backend``).
+Pairs beyond the cutoffs contribute exactly zero (the cutoff functions), so the results equal
+``HDNNPEnsemble.forward``.
 """
 
 from __future__ import annotations
@@ -550,7 +551,8 @@ class LMLPCalculator(Calculator):
     def _moments_pay_off(self, centres: torch.Tensor, n_atoms: int, n_elements: int) -> bool:
         """Whether the angular functions cost less by moments than over triples, for the centres (Q,)
         of the pairs within the angular cutoff + skin: the moments' contraction per atom, E·U·L·nz·K
-        (M + 2) multiply-adds (M members; per pair they cost little more than a radial term), against
+        (M + 2) multiply-adds (M members whose forces are computed, 1 for mean forces; per pair they
+        cost little more than a radial term), against
         E·L (4M + 30) per triple (its terms and their member contraction). Measured on one core
         (default SN2 descriptor, 10 members), this picks the faster path from a 5-atom molecule to
         molecular clusters (moments faster from ~20 atoms) and dilute gases (triples faster)."""
@@ -573,9 +575,10 @@ class LMLPCalculator(Calculator):
         self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor, jacobian: torch.Tensor,
         radial_slopes: list[torch.Tensor | None], angular_slopes: list[torch.Tensor | None],
     ) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
-        """dE_m/dv_p of every member m and pair vector v_p, eV/Å, block by block with the slopes of
-        each block (recomputed where None): (pairs, gradients (B, M, 3)) for each radial block and
-        each angular block's pairs, so that no (P, M, 3) array is held (large systems stay in cache).
+        """dE_m/dv_p of every member m (or of their mean: dE_dG (N, 1, F)) and pair vector v_p, eV/Å,
+        block by block with the slopes of each block (recomputed where None): (pairs, gradients
+        (B, M, 3)) for each radial block and each angular block's pairs, so that no (P, M, 3) array
+        is held (large systems stay in cache).
 
         dE/dG is first taken to the element slots (one matmul per kind, through the angular Jacobian
         of ``kernels.angular_descriptors``), then contracted with the slopes of the pairs and angular

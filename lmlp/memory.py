@@ -5,7 +5,7 @@ PyTorch allocates every CPU tensor with ``malloc``. glibc serves blocks above it
 memory at the top of the heap to the system above its trim threshold. A step that allocates and
 frees the same megabyte-sized temporaries again and again then faults in and zeroes new pages for
 each of them: for a 100-atom dense system with the SN2 model (radial terms of 56,000 pairs, a few
-MiB each) that tripled the time of the radial terms, and made it vary from call to call with the
+MiB each) that made the radial terms take 18 ms instead of 4, varying from call to call with the
 allocator's state. ``keep_freed_memory`` sets both thresholds so that such blocks come from the
 heap and stay there for the next step, as ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
 would (PyTorch's performance guide suggests jemalloc or tcmalloc for the same reason). The price:
@@ -22,8 +22,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 """glibc's ``mallopt`` parameter numbers (malloc.h)."""
 MMAP_THRESHOLD = 32 << 20
-"""Blocks up to 32 MiB come from the heap (glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; above 10,000-atom
-blocks, ``lmlp.calculator.BLOCK_FLOATS``)."""
+"""Blocks under 32 MiB come from the heap (glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit): the calculator's
+float32 block temporaries (``lmlp.calculator.BLOCK_FLOATS``, 16 MiB) among them."""
 TRIM_THRESHOLD = 1 << 30
 """Free memory at the top of the heap is returned to the system only above 1 GiB."""
 
