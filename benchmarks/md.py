@@ -102,6 +102,8 @@ from lmlp.reference.sn2 import BOND, COMPLEX
 REACTIONS = ("F+CH3F", "F+CH3Cl", "Cl+CH3Br", "Br+CH3I", "I+CH3I")
 BOX_REACTION = "Cl+CH3Br"
 SN2_BOX, LIQUID = "SN2 box", "CH3Cl liquid"
+SN2_DENSITY = 0.06
+"""SN2 box density (default), atoms/Å³."""
 LIQUID_DENSITY = 0.91
 """CH3Cl liquid density, g/cm³."""
 G_CM3_PER_AMU_A3 = 1.66054
@@ -594,7 +596,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=Path("data/sn2_gfn2xtb.h5"))
     parser.add_argument("--steps", type=int, default=3000, help="timed lMLP MD steps per SN2 complex (xTB: a third)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[6, 100, 1000, 10000], help="atoms per system")
-    parser.add_argument("--density", type=float, default=0.06, help="SN2 box density, atoms/Å³")
+    parser.add_argument("--density", type=float, default=SN2_DENSITY, help="SN2 box density, atoms/Å³")
     parser.add_argument("--cutoffs", type=float, nargs=2, default=(6.0, 4.0), metavar=("RADIAL", "ANGULAR"),
                         help="radial and angular cutoff of the condensed-phase setting, Å")
     parser.add_argument("--budget", type=float, default=10.0, help="timed seconds per point (at least 3 calls)")

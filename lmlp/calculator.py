@@ -14,7 +14,8 @@ per-element networks, and contracts dE/dG with the pair and angular item slopes 
 at once (or only their mean, ``member_forces=False``); no autograd. The arithmetic is in
 ``lmlp.calculator_kernels``: a small molecule's whole step is one compiled call (``backend``).
 Pairs beyond the cutoffs contribute exactly zero (the cutoff functions), so the results equal
-``HDNNPEnsemble.forward``.
+``HDNNPEnsemble.forward``. Evaluated in blocks (larger systems), far pairs also skip the narrow radial
+shells, whose terms stay below 2·10⁻³⁵ at their distances while the list holds (``_band_pairs``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from lmlp.descriptors.eeacsf import find_angular_items
 from lmlp.descriptors.neighbors import find_neighbors
-from lmlp.descriptors.terms import TermParameters
+from lmlp.descriptors.terms import TermParameters, radial, radial_reach
 from lmlp.elements import symbol
 from lmlp.errors import LmlpError
 from lmlp import calculator_kernels as kernels
@@ -136,6 +137,9 @@ class _Neighbours:
         pair_blocks, angular_blocks: slices of pairs and angular items evaluated together.
         pair_layouts, angular_layouts: each block's ``kernels.chunk_layout`` (pairs are ordered by
             slot, so a block's pairs fill few chunks).
+        pair_columns: each pair block's first radial term, in the calculator's reach order
+            (``LMLPCalculator._band_pairs``; 0: all terms); pair_reach: the distance, Å, that its
+            pairs must keep for the terms before it to stay negligible (0.0 for all terms).
     """
 
     key: tuple
@@ -157,6 +161,8 @@ class _Neighbours:
     angular_blocks: list[slice]
     pair_layouts: list[kernels.Layout | None]
     angular_layouts: list[kernels.Layout | None]
+    pair_columns: list[int]
+    pair_reach: list[float]
 
 
 class _Networks:
@@ -302,6 +308,14 @@ class LMLPCalculator(Calculator):
         self._baseline = 0.0
         self._terms = self.model.descriptor.terms(self.dtype)
         self._n_radial = len(self._terms.radial_eta)
+        reach = radial_reach(*(p.to(torch.float64) for p in (self._terms.radial_eta, self._terms.radial_rs)))
+        order = torch.argsort(reach, stable=True)
+        self._radial_reach = reach[order]
+        """The radial terms' ``radial_reach`` (K,), Å, ascending: the order of the blocked path's columns."""
+        self._band_terms = (self._terms.radial_eta[order], self._terms.radial_rs[order])
+        self._radial_order = None if torch.equal(order, torch.arange(len(order))) else order
+        """The terms of the blocked path's columns (None: the descriptor's order)."""
+        self._radial_inverse = torch.argsort(order)
 
     @property
     def members(self) -> int:
@@ -413,14 +427,21 @@ class LMLPCalculator(Calculator):
         vectors = positions.index_select(0, nb.j) - positions.index_select(0, nb.i) + nb.shifts
         pairs = t.pair_data(vectors.to(self.dtype))
         nb = self._angular_now(nb, pairs[:, 3])
+        columns = self._radial_columns(nb, pairs[:, 3])
         radial_sums = pairs.new_zeros(nb.n_elements * n, self._n_radial)
-        keep_radial = len(nb.pair_blocks) <= 1 or pairs.shape[0] * self._n_radial <= BLOCK_FLOATS
+        evaluated = sum((b.stop - b.start) * (self._n_radial - c) for b, c in zip(nb.pair_blocks, columns))
+        keep_radial = len(nb.pair_blocks) <= 1 or evaluated <= BLOCK_FLOATS
         keep_angular = len(nb.angular_blocks) <= 1 or nb.items.shape[1] * 3 * _item_width(t) <= BLOCK_FLOATS
         radial_slopes = []
-        for block in nb.pair_blocks:
-            values, slopes = t.radial(pairs[block], keep_radial)
-            radial_sums.index_add_(0, nb.pair_slot[block], values)
+        for block, first in zip(nb.pair_blocks, columns):
+            if first == self._n_radial:
+                radial_slopes.append(None)
+                continue
+            values, slopes = self._radial_block(pairs[block], first, keep_radial)
+            radial_sums[:, first:].index_add_(0, nb.pair_slot[block], values)
             radial_slopes.append(slopes)
+        if self._radial_order is not None:
+            radial_sums = radial_sums.index_select(1, self._radial_inverse)
         angular_kinds = nb.n_elements if t.moments else nb.n_elements**2
         angular_sums = pairs.new_zeros(angular_kinds * n, _item_width(t))
         angular_slopes = []
@@ -436,11 +457,25 @@ class LMLPCalculator(Calculator):
             dE_dG = kernels.mean_gradient(dE_dG)
         sums = pairs.new_zeros(2, n, self._contracted, 3)
         virials = torch.zeros(self._contracted, 3, 3, dtype=torch.float64) if stress else None
-        for pair, gradient in self._pair_gradients(nb, pairs, dE_dG, jacobian, radial_slopes, angular_slopes):
+        for pair, gradient in self._pair_gradients(nb, pairs, dE_dG, jacobian, columns, radial_slopes,
+                                                   angular_slopes):
             kernels.add_pair_gradients(sums, gradient, nb.i[pair], nb.j[pair])
             if virials is not None:
                 virials += kernels.pair_virials(gradient, vectors[pair])
         return atomic, sums[0] - sums[1], pairs[:, 3], virials
+
+    def _radial_columns(self, nb: _Neighbours, distances: torch.Tensor) -> list[int]:
+        """Each pair block's first radial term now: ``nb.pair_columns``, or 0 (all terms) for a
+        block with a pair closer than its ``pair_reach`` (possible only after the cell has grown,
+        ``_still_valid``)."""
+        return [first if not first or float(distances[block].min()) >= reach else 0
+                for block, first, reach in zip(nb.pair_blocks, nb.pair_columns, nb.pair_reach)]
+
+    def _radial_block(self, pairs: torch.Tensor, first: int, slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``terms.radial`` values and slopes (B, K − first) of the radial terms from ``first`` on,
+        in reach order, of pairs with ``pair_data`` rows ``pairs``."""
+        eta, r_s = self._band_terms
+        return radial(pairs, eta[first:], r_s[first:], slopes)
 
     def _angular_now(self, nb: _Neighbours, distances: torch.Tensor) -> _Neighbours:
         """``nb`` with only the angular items whose pairs are now inside the angular cutoff (the
@@ -523,10 +558,15 @@ class LMLPCalculator(Calculator):
         moments = self._terms.moments and self._moments_pay_off(i[distances < angular_cutoff], n, nz)
         terms = self._terms if moments else dataclasses.replace(self._terms, moments=False)
         items = find_angular_items(torch.stack([i, j]), distances, angular_cutoff, n, moments)
-        z = torch.from_numpy(elements.astype(np.int64))
-        pair_slot, angular_slot = kernels.element_slots(element[j], i, items, nz, n)
         pair_blocks = self._blocks(len(i), (self._contracted + 3) * self._n_radial)
         angular_blocks = self._angular_blocks(items.shape[1], terms)
+        pair_columns, pair_reach = [0] * len(pair_blocks), [0.0] * len(pair_blocks)
+        if not self._networks.gathered or len(pair_blocks) > 1 or len(angular_blocks) > 1:  # the blocked path
+            order, pair_blocks, pair_columns, pair_reach = self._band_pairs(distances)
+            i, j, shifts = i[order], j[order], shifts[order]
+            items = torch.argsort(order)[items]
+        z = torch.from_numpy(elements.astype(np.int64))
+        pair_slot, angular_slot = kernels.element_slots(element[j], i, items, nz, n)
         return _Neighbours(
             key=key, reference=atoms.positions.copy(), cell=atoms.cell.array.copy(),
             lattice_shifts=self._lattice_shifts(shifts, atoms), i=i, j=j,
@@ -538,7 +578,32 @@ class LMLPCalculator(Calculator):
             pair_blocks=pair_blocks, angular_blocks=angular_blocks,
             pair_layouts=[kernels.chunk_layout(pair_slot[b]) for b in pair_blocks],
             angular_layouts=[kernels.chunk_layout(angular_slot[b]) for b in angular_blocks],
+            pair_columns=pair_columns, pair_reach=pair_reach,
         )
+
+    def _band_pairs(self, distances: torch.Tensor) -> tuple[torch.Tensor, list[slice], list[int], list[float]]:
+        """The pairs (distances (P,) at the build, Å, ordered by slot) regrouped by the radial terms
+        they need, for the blocked path: (the new order (P,), stable within a band so still by slot,
+        the blocks, each block's first term and reach (``_Neighbours``)).
+
+        While the list holds in a fixed cell no pair comes closer than its build distance − skin,
+        and a term is negligible beyond its ``radial_reach`` (at most 2·10⁻³⁵): so a pair needs the
+        terms from the first whose reach exceeds that distance on. With a 12 Å cutoff most pairs are
+        far and need only the wide shells (8–14 of the 24 default terms); ``kernels.radial_bands``
+        groups them.
+        """
+        first = torch.searchsorted(self._radial_reach, distances - self.skin, right=True)
+        band, starts = kernels.radial_bands(first, self._n_radial)
+        order = torch.argsort(band, stable=True)
+        blocks, columns, reach, offset = [], [], [], 0
+        for start, count in zip(starts, torch.bincount(band, minlength=len(starts)).tolist()):
+            width = (self._contracted + 3) * max(self._n_radial - start, 1)
+            for block in self._blocks(count, width):
+                blocks.append(slice(offset + block.start, offset + block.stop))
+                columns.append(start)
+                reach.append(float(self._radial_reach[start - 1]) if start else 0.0)
+            offset += count
+        return order, blocks, columns, reach
 
     @staticmethod
     def _lattice_shifts(shifts: torch.Tensor, atoms: Atoms) -> torch.Tensor:
@@ -572,11 +637,12 @@ class LMLPCalculator(Calculator):
         return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
     def _pair_gradients(
-        self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor, jacobian: torch.Tensor,
+        self, nb: _Neighbours, pairs: torch.Tensor, dE_dG: torch.Tensor, jacobian: torch.Tensor, columns: list[int],
         radial_slopes: list[torch.Tensor | None], angular_slopes: list[torch.Tensor | None],
     ) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
         """dE_m/dv_p of every member m (or of their mean: dE_dG (N, 1, F)) and pair vector v_p, eV/Å,
-        block by block with the slopes of each block (recomputed where None): (pairs, gradients
+        block by block with the slopes of each block (recomputed where None) from its first radial term
+        (``columns``, ``_radial_columns``): (pairs, gradients
         (B, M, 3)) for each radial block and each angular block's pairs, so that no (P, M, 3) array
         is held (large systems stay in cache).
 
@@ -587,12 +653,17 @@ class LMLPCalculator(Calculator):
         t = nb.terms
         n_radial = nb.pair_weights.shape[1] * self._n_radial
         radial_slots = kernels.slot_gradients(dE_dG[:, :, :n_radial], nb.pair_weights, self._n_radial)
+        if self._radial_order is not None:
+            radial_slots = radial_slots.index_select(2, self._radial_order)
         angular_slots = kernels.angular_slot_gradients(dE_dG[:, :, n_radial:], jacobian, t.moments)
         units = pairs[:, 0:3]
-        for block, layout, slopes in zip(nb.pair_blocks, nb.pair_layouts, radial_slopes):
+        for block, first, layout, slopes in zip(nb.pair_blocks, columns, nb.pair_layouts, radial_slopes):
+            if first == self._n_radial:
+                continue
             if slopes is None:
-                slopes = t.radial(pairs[block], True)[1]
-            yield block, kernels.radial_gradient(radial_slots, nb.pair_slot[block], slopes, units[block], layout)
+                slopes = self._radial_block(pairs[block], first, True)[1]
+            yield block, kernels.radial_gradient(radial_slots[:, :, first:], nb.pair_slot[block], slopes,
+                                                 units[block], layout)
         for block, layout, slopes in zip(nb.angular_blocks, nb.angular_layouts, angular_slopes):
             items = nb.items[:, block]
             if slopes is None:

@@ -111,7 +111,8 @@ def angular_slot_gradients(dE_dG: Tensor, jacobian: Tensor, moments: bool) -> Te
 
 Layout = Tuple[Tensor, Tensor, Tensor, int]
 """Where ``contract_slots`` puts each pair or item (``chunk_layout``): (index (B,) into the padded
-chunks, the padding rows (R,) of the chunks, slot (C,) of each chunk, chunk width W)."""
+chunks, source (C·W,) the pair or item of each chunk row (padding rows repeat a real one), slot (C,)
+of each chunk, chunk width W)."""
 CHUNK_WIDTH_MAX = 32
 """Widest chunk of ``chunk_layout``, pairs or items."""
 
@@ -134,8 +135,8 @@ def chunk_layout(slot: Tensor) -> Optional[Layout]:
     rank = torch.arange(slot.shape[0]) - start[ordered]
     index = torch.empty_like(slot)
     index[order] = (first_chunk[ordered] + torch.div(rank, width, rounding_mode="floor")) * width + rank % width
-    padding = torch.ones(int(chunks.sum()) * width, dtype=torch.bool).index_fill_(0, index, False)
-    return index, torch.nonzero(padding).flatten(), torch.repeat_interleave(ids, chunks), width
+    source = torch.zeros(int(chunks.sum()) * width, dtype=index.dtype).index_copy_(0, index, torch.arange(len(slot)))
+    return index, source, torch.repeat_interleave(ids, chunks), width
 
 
 def contract_slots(slot_gradients: Tensor, slot: Tensor, values: Tensor, layout: Optional[Layout]) -> Tensor:
@@ -145,17 +146,50 @@ def contract_slots(slot_gradients: Tensor, slot: Tensor, values: Tensor, layout:
     Without ``layout`` the slot gradients are gathered per pair (B·M·C floats moved). With it, the
     values of each slot are padded into chunks (``chunk_layout``) and every chunk is one matmul with
     its slot's gradients, gathered once per chunk: about ten times faster at hundreds of pairs per
-    slot (condensed phases), the same numbers to round-off.
+    slot (condensed phases), the same numbers to round-off. The rows of a matmul are independent, so
+    padding rows are filled by gathering any real row (faster than zeroing them and copying the real
+    ones in); their results are never read.
     """
     if layout is None:
         return torch.bmm(slot_gradients.index_select(0, slot), values.transpose(1, 2))
-    index, padding, chunk_slot, width = layout
+    index, source, chunk_slot, width = layout
     n_chunks, n_out, n_terms = chunk_slot.shape[0], values.shape[1], values.shape[2]
-    padded = values.new_empty(n_chunks * width, n_out, n_terms).index_fill_(0, padding, 0.0).index_copy_(0, index,
-                                                                                                          values)
+    padded = values.index_select(0, source)
     out = torch.bmm(padded.view(n_chunks, width * n_out, n_terms),
                     slot_gradients.index_select(0, chunk_slot).transpose(1, 2))  # (C, W·X, M)
     return out.view(n_chunks * width, n_out, -1).index_select(0, index).transpose(1, 2)
+
+
+BAND_OVERHEAD = 1 << 15
+"""The cost of one more band of ``radial_bands``, in pair-terms: about the fixed cost of a block's
+dozen tensor operations (~0.15 ms) over that of one radial term of one pair with its slope and
+contraction (a few ns)."""
+
+
+def radial_bands(first: Tensor, n_terms: int) -> Tuple[Tensor, List[int]]:
+    """Bands of pairs that evaluate the same radial terms: the band of each pair (B,) and each
+    band's first term.
+
+    ``first`` (B,) holds each pair's first needed term (0..K) among ``n_terms`` = K radial terms
+    ordered by ``terms.radial_reach``: the terms before it stay negligible while the pair list holds.
+    A band starting at term s evaluates terms s..K − 1 of its pairs; the bands minimise the pair-terms
+    evaluated plus ``BAND_OVERHEAD`` per band (exact, over the K + 1 possible starts)."""
+    counts = torch.bincount(first, minlength=n_terms + 1).tolist()
+    best, choice = [0.0] + [math.inf] * (n_terms + 1), [0] * (n_terms + 2)
+    for end in range(1, n_terms + 2):
+        pairs = 0
+        for start in range(end - 1, -1, -1):
+            pairs += counts[start]
+            cost = best[start] + (BAND_OVERHEAD + (n_terms - start) * pairs if pairs else 0)
+            if cost < best[end]:
+                best[end], choice[end] = cost, start
+    starts, end = [], n_terms + 1
+    while end > 0:
+        if sum(counts[choice[end]:end]):
+            starts.append(choice[end])
+        end = choice[end]
+    starts.reverse()
+    return torch.searchsorted(torch.tensor(starts), first, right=True) - 1, starts
 
 
 def radial_gradient(slot_gradients: Tensor, slot: Tensor, slopes: Tensor, units: Tensor,

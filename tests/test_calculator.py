@@ -348,6 +348,7 @@ def test_dense_cells_contract_by_chunks(tiny, monkeypatch, blocked):
     if blocked:
         monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
         monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+        monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)  # bands pay off for so few pairs too
     model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0))
     atoms = tiny.atoms(5)
     atoms.calc = None
@@ -357,11 +358,69 @@ def test_dense_cells_contract_by_chunks(tiny, monkeypatch, blocked):
     assert_matches_model(calc, model, atoms)
     nb = calc._neighbours
     assert len(nb.pair_blocks) > 1 if blocked else len(nb.pair_blocks) == 1
-    for layouts in (nb.pair_layouts, nb.angular_layouts):  # a short last block may gather instead
-        assert sum(layout is not None for layout in layouts) >= max(1, len(layouts) - 1)
+    assert (max(nb.pair_columns) > 0) == blocked  # far pairs skip the narrow shells in blocks
+    bands = len(set(nb.pair_columns))  # a short last block (of each band of pairs) may gather instead
+    for layouts, short in ((nb.pair_layouts, bands), (nb.angular_layouts, 1)):
+        assert sum(layout is not None for layout in layouts) >= max(1, len(layouts) - short)
     atoms.positions += np.random.default_rng(0).normal(0.0, 0.1, atoms.positions.shape)
     assert_matches_model(calc, model, atoms)
     assert calc._neighbours is nb  # the same list and layouts
+
+
+def test_radial_shells_in_any_order_skip_by_their_reach(tiny, monkeypatch):
+    """Blocked, the radial terms are evaluated in the order of their reach (``_band_pairs``); shells
+    listed in another order give the model's descriptors all the same."""
+    monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
+    monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
+    default = DescriptorConfig()
+    model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0, radial_eta=default.radial_eta[::-1],
+                                               radial_rs=default.radial_rs[::-1]))
+    atoms = tiny.atoms(5)
+    atoms.calc = None
+    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
+    atoms.pbc = True
+    calc = LMLPCalculator(model)
+    assert_matches_model(calc, model, atoms)
+    assert calc._radial_order is not None and max(calc._neighbours.pair_columns) > 0
+
+
+def test_far_pairs_take_every_radial_term_once_they_come_close(tiny, monkeypatch):
+    """Blocked, the pairs evaluate only the radial terms not negligible at their build distance −
+    skin (``_band_pairs``). A grown cell lets atoms move further (``_still_valid``): a pair that comes
+    closer than its block's reach evaluates every term again, and the forces stay exact."""
+    monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
+    monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
+    first_terms = []
+    columns = LMLPCalculator._radial_columns
+    monkeypatch.setattr(LMLPCalculator, "_radial_columns",
+                        lambda self, nb, r: first_terms.append(columns(self, nb, r)) or first_terms[-1])
+    model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0))
+    atoms = tiny.atoms(5)
+    atoms.calc = None
+    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
+    atoms.pbc = True
+    calc = LMLPCalculator(model)
+    assert_matches_model(calc, model, atoms)
+    built = calc._neighbours
+    assert first_terms[-1] == built.pair_columns and max(built.pair_columns) > 0
+    # a pair ~5 Å apart, whose block skips the shells centred up to 1.7 Å (reach 3.94 Å): its atoms
+    # approach by 5.8 Å in a cell grown 1.5× (2 × 2.9 Å, within the 2 × 3 Å it allows), to ~1.7 Å
+    vectors = torch.from_numpy(atoms.positions)[built.j] - torch.from_numpy(atoms.positions)[built.i] + built.shifts
+    distances = vectors.norm(dim=1)
+    block_first = torch.zeros(len(distances), dtype=torch.int64)
+    for block, first in zip(built.pair_blocks, built.pair_columns):
+        block_first[block] = first
+    p = int(torch.nonzero((distances > 4.95) & (distances < 5.1) & (built.i != built.j) & (block_first > 0))[0])
+    step = (vectors[p] / distances[p]).numpy()
+    atoms.set_cell(atoms.cell.array * 1.5, scale_atoms=True)
+    atoms.positions[int(built.i[p])] += 2.9 * step
+    atoms.positions[int(built.j[p])] -= 2.9 * step
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours.reference is built.reference
+    reset = [b for b, (now, then) in enumerate(zip(first_terms[-1], built.pair_columns)) if now != then]
+    assert reset and all(first_terms[-1][b] == 0 for b in reset)
 
 
 def test_one_calculator_serves_several_compositions(tiny, model):

@@ -36,14 +36,25 @@ CUTOFF_FUNCTIONS = ("cos", "poly1", "poly2")
 curvature vanish); n2p2's CT_COS, CT_POLY1 and CT_POLY2."""
 G_ANGULAR = 7
 """First column of the angular g(r) in ``pair_data``."""
+FLOOR_EXPONENT = -80.0
+"""The smallest Gaussian exponent evaluated (``gaussian``): exp(−80) ≈ 2·10⁻³⁵."""
+
+
 def gaussian(x: Tensor) -> Tensor:
-    """exp(x) of a Gaussian's exponents x ≤ 0 (any shape), with x clamped at −80.
+    """exp(x) of a Gaussian's exponents x ≤ 0 (any shape), with x clamped at ``FLOOR_EXPONENT``.
 
     exp(−80) ≈ 2e-35 is far below the resolution of any descriptor value, and exponents under about
     −87 (float32's smallest normal number) put the vectorised exp on a slow path, ten times slower:
     most of the 24 radial terms of a pair at 12 Å are such far tails (−η (r − r_s)² reaches −2,000).
     """
-    return torch.exp(x.clamp(min=-80.0))
+    return torch.exp(x.clamp(min=-80.0))  # FLOOR_EXPONENT (TorchScript reads no module constants)
+
+
+def radial_reach(eta: Tensor, r_s: Tensor) -> Tensor:
+    """(K,) distances, Å, from which the radial terms exp(−η (r − r_s)²) f_c(r) of the K paired
+    (η, r_s) stay at the ``gaussian`` floor, at most 2·10⁻³⁵ f_c(r): r_s + √(80/η) (inf for η = 0).
+    Beyond its reach a term is negligible, and so is its slope."""
+    return r_s + torch.sqrt(-FLOOR_EXPONENT / eta)
 
 
 def cutoff_function(r: Tensor, cutoff: float, kind: str) -> Tuple[Tensor, Tensor]:
