@@ -341,19 +341,32 @@ def test_angular_items_are_triples_for_a_molecule_and_moments_in_a_dense_cell(ti
     assert calc._neighbours.terms.moments and calc._neighbours.items.shape[0] == 1
 
 
+def force_blocks(monkeypatch, bands: bool = True) -> None:
+    """The blocked path with per-element networks even for a few atoms, with radial bands if ``bands``
+    (they pay off for so few pairs too)."""
+    monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
+    monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
+    if bands:
+        monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
+
+
+def dense_cell(tiny) -> Atoms:
+    """A tiny-set structure in a small periodic cell: hundreds of pairs per slot within 9 Å."""
+    atoms = tiny.atoms(5)
+    atoms.calc = None
+    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
+    atoms.pbc = True
+    return atoms
+
+
 @pytest.mark.parametrize("blocked", [False, True])
 def test_dense_cells_contract_by_chunks(tiny, monkeypatch, blocked):
     """Hundreds of pairs per slot: the slot contraction runs in chunks (``kernels.chunk_layout``),
     through the whole-step kernel and block by block."""
     if blocked:
-        monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
-        monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
-        monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)  # bands pay off for so few pairs too
+        force_blocks(monkeypatch)
     model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0))
-    atoms = tiny.atoms(5)
-    atoms.calc = None
-    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
-    atoms.pbc = True
+    atoms = dense_cell(tiny)
     calc = LMLPCalculator(model)
     assert_matches_model(calc, model, atoms)
     nb = calc._neighbours
@@ -370,16 +383,11 @@ def test_dense_cells_contract_by_chunks(tiny, monkeypatch, blocked):
 def test_radial_shells_in_any_order_skip_by_their_reach(tiny, monkeypatch):
     """Blocked, the radial terms are evaluated in the order of their reach (``_band_pairs``); shells
     listed in another order give the model's descriptors all the same."""
-    monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
-    monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
-    monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
+    force_blocks(monkeypatch)
     default = DescriptorConfig()
     model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0, radial_eta=default.radial_eta[::-1],
                                                radial_rs=default.radial_rs[::-1]))
-    atoms = tiny.atoms(5)
-    atoms.calc = None
-    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
-    atoms.pbc = True
+    atoms = dense_cell(tiny)
     calc = LMLPCalculator(model)
     assert_matches_model(calc, model, atoms)
     assert calc._radial_order is not None and max(calc._neighbours.pair_columns) > 0
@@ -389,18 +397,13 @@ def test_far_pairs_take_every_radial_term_once_they_come_close(tiny, monkeypatch
     """Blocked, the pairs evaluate only the radial terms not negligible at their build distance −
     skin (``_band_pairs``). A grown cell lets atoms move further (``_still_valid``): a pair that comes
     closer than its block's reach evaluates every term again, and the forces stay exact."""
-    monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
-    monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
-    monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
+    force_blocks(monkeypatch)
     first_terms = []
     columns = LMLPCalculator._radial_columns
     monkeypatch.setattr(LMLPCalculator, "_radial_columns",
                         lambda self, nb, r: first_terms.append(columns(self, nb, r)) or first_terms[-1])
     model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0))
-    atoms = tiny.atoms(5)
-    atoms.calc = None
-    atoms.set_cell(np.diag([4.5, 5.0, 4.8]))
-    atoms.pbc = True
+    atoms = dense_cell(tiny)
     calc = LMLPCalculator(model)
     assert_matches_model(calc, model, atoms)
     built = calc._neighbours
