@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lmlp.calculator_kernels import CHUNK_WIDTH_MAX, chunk_layout, contract_slots, pair_virials
+import lmlp.calculator_kernels as kernels
+from lmlp.calculator_kernels import CHUNK_WIDTH_MAX, chunk_layout, contract_slots, pair_virials, radial_bands
 
 
 def gathered(slot_gradients: torch.Tensor, slot: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -42,3 +43,17 @@ def test_pair_virials_are_the_outer_products_summed():
     vectors = torch.randn(50, 3, generator=generator, dtype=torch.float64)
     expected = torch.einsum("pma,pb->mab", gradient.double(), vectors)
     torch.testing.assert_close(pair_virials(gradient, vectors), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("overhead", "expected"), [(0, [2, 10, 12, 18]), (10**9, [2]), (1 << 15, [2, 10, 18])])
+def test_radial_bands_minimise_terms_plus_a_cost_per_band(monkeypatch, overhead, expected):
+    """Pairs whose first needed term is 2, 10, 12 or 18 of 24: one band per distinct start when bands
+    are free, one band when they are dear, and in between the split that saves the most."""
+    monkeypatch.setattr(kernels, "BAND_OVERHEAD", overhead)
+    first = torch.cat([torch.full((n,), k) for k, n in ((2, 5_000), (10, 30_000), (12, 2_000), (18, 40_000))])
+    shuffled = first[torch.randperm(len(first), generator=torch.Generator().manual_seed(0))]
+    band, starts = radial_bands(shuffled, 24)
+    assert starts == expected
+    start = torch.tensor(starts)[band]
+    assert bool((start <= shuffled).all())  # no pair skips a term it needs
+    assert [int(shuffled[band == b].min()) for b in range(len(starts))] == starts  # no band starts early
