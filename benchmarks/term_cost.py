@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).parent))
 import md  # noqa: E402  (benchmarks/md.py: the systems and the timing)
 
+import lmlp.calculator as calculator  # noqa: E402
 from lmlp.calculator import LMLPCalculator, TooCloseWarning  # noqa: E402
 from lmlp.data.hdf5 import read_structures  # noqa: E402
 from lmlp.descriptors import terms  # noqa: E402
@@ -49,10 +50,11 @@ MODES = ("as is", "compiled pair data + radial", "radial terms free", "all terms
 
 
 def reused(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` of ``TermParameters`` computed once per argument shape and then returned again."""
+    """``method`` (of ``TermParameters`` or the calculator) computed once per argument shape and value
+    and then returned again."""
     results: dict[tuple, Any] = {}
 
-    def wrapper(self: TermParameters, *args: Any) -> Any:
+    def wrapper(self: Any, *args: Any) -> Any:
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
         if key not in results:
             results[key] = method(self, *args)
@@ -63,21 +65,25 @@ def reused(method: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    """The term functions as ``name`` (one of ``MODES``) has them, restored afterwards."""
-    saved = {"pair_data": terms.pair_data, "radial": terms.radial}
-    methods = {key: getattr(TermParameters, key) for key in ("pair_data", "radial", "angular_items")}
+    """The term functions as ``name`` (one of ``MODES``) has them, restored afterwards. The blocked
+    path evaluates the radial terms through ``LMLPCalculator._radial_block`` (the calculator's
+    ``radial``), the rest through ``TermParameters``."""
+    saved = {"pair_data": terms.pair_data, "radial": calculator.radial}
+    methods = {key: getattr(TermParameters, key) for key in ("pair_data", "angular_items")}
+    block = LMLPCalculator._radial_block
     try:
         if name == "compiled pair data + radial":
             terms.pair_data = torch.compile(saved["pair_data"], dynamic=True)
-            terms.radial = torch.compile(saved["radial"], dynamic=True)
-        elif name == "radial terms free":
-            TermParameters.radial = reused(methods["radial"])
-        elif name == "all terms free":
+            calculator.radial = torch.compile(saved["radial"], dynamic=True)
+        elif name in ("radial terms free", "all terms free"):
+            LMLPCalculator._radial_block = reused(block)
+        if name == "all terms free":
             for key, method in methods.items():
                 setattr(TermParameters, key, reused(method))
         yield
     finally:
-        terms.pair_data, terms.radial = saved["pair_data"], saved["radial"]
+        terms.pair_data, calculator.radial = saved["pair_data"], saved["radial"]
+        LMLPCalculator._radial_block = block
         for key, method in methods.items():
             setattr(TermParameters, key, method)
 

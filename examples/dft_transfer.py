@@ -59,7 +59,7 @@ TRAIN_LABELS = Path("data/sn2_b3lyp_train.h5")
 RUNS = Path("runs/dft-transfer")
 TARGET, TARGET_SIZE = 1.2, 1000
 """Target: with at most 1,000 DFT structures, the continued ensemble within 1.2× the errors of scratch
-on all DFT labels."""
+on all DFT labels (in ``target_ratios``: scratch on the most structures run, all of them with size 0)."""
 VARIANTS = {
     "continued-p0.1": ("continued, p_frozen 0.1", True, 0.1),
     "continued-p0": ("continued, p_frozen 0", True, 0.0),

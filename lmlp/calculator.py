@@ -244,7 +244,7 @@ class LMLPCalculator(Calculator):
             compilation of tens of seconds on first use) or "eager".
         member_forces: compute every member's forces (and stress), for ``forces_uncertainty``
             (default). False computes only the ensemble-mean forces and stress, from the members'
-            mean dE/dG: the same numbers to round-off, 1.3–1.5× faster for condensed systems (the
+            mean dE/dG: the same numbers to round-off, 1.4–1.7× faster for condensed systems (the
             contraction with the slopes is done once instead of M times); energies, their
             uncertainty and the energy criterion of ``is_uncertain`` stay.
 
@@ -408,7 +408,8 @@ class LMLPCalculator(Calculator):
                 t.norm, t.slope_norm, t.monomial_index, t.monomial_exponents, t.moment_coefficients, t.cutoff,
                 t.angular_cutoff, t.cutoff_function, t.g4, t.moments, networks.mean, networks.inv_std,
                 networks.weights, networks.biases, networks.transposed, networks.activation, self.members,
-                nb.pair_layouts[0], nb.angular_layouts[0], not self.member_forces)
+                nb.pair_layouts[0] if nb.pair_layouts else None,
+                nb.angular_layouts[0] if nb.angular_layouts else None, not self.member_forces)
             virials = kernels.pair_virials(gradient, positions[nb.j] - positions[nb.i] + nb.shifts) if stress else None
         else:
             atomic, forces, r, virials = self._blocked(nb, positions, stress)
@@ -465,10 +466,11 @@ class LMLPCalculator(Calculator):
         return atomic, sums[0] - sums[1], pairs[:, 3], virials
 
     def _radial_columns(self, nb: _Neighbours, distances: torch.Tensor) -> list[int]:
-        """Each pair block's first radial term now: ``nb.pair_columns``, or 0 (all terms) for a
-        block with a pair closer than its ``pair_reach`` (possible only after the cell has grown,
-        ``_still_valid``)."""
-        return [first if not first or float(distances[block].min()) >= reach else 0
+        """Each pair block's first radial term now: ``nb.pair_columns``, or, for a block with a pair
+        closer than its ``pair_reach`` (possible only after the cell has grown, ``_still_valid``),
+        the first term whose reach exceeds that pair's distance (distances (P,) Å)."""
+        return [first if not first or float(distances[block].min()) >= reach else
+                min(first, int(torch.searchsorted(self._radial_reach, distances[block].min().double(), right=True)))
                 for block, first, reach in zip(nb.pair_blocks, nb.pair_columns, nb.pair_reach)]
 
     def _radial_block(self, pairs: torch.Tensor, first: int, slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -510,16 +512,20 @@ class LMLPCalculator(Calculator):
         three directions may also deform (NPT): with M = C₀⁻¹C the deformation since the build,
         a pair vector v₀ of the build becomes v₀M plus the difference of two atoms' displacements
         d = R − R₀M, and |v₀M| ≥ σ_min(M)|v₀|; so no pair beyond the list comes inside the cutoff
-        R_c while 2 max|d| ≤ σ_min(M)(R_c + skin) − R_c (skin/2 again for M = 1).
+        R_c while 2 max|d| ≤ σ_min(M)(R_c + skin) − R_c (skin/2 again for M = 1), and none beyond
+        the angular items' list inside the angular cutoff while the same holds for it (the tighter
+        of the two when the cell has grown).
         """
         cell = atoms.cell.array
         if np.array_equal(cell, nb.cell):
             mapped, allowed = nb.reference, self.skin
         elif atoms.pbc.all() and atoms.cell.volume > 0:
             deformation = np.linalg.solve(nb.cell, cell)
-            reach = self.model.descriptor.cutoff
+            smallest = np.linalg.svd(deformation, compute_uv=False).min()
             mapped = nb.reference @ deformation
-            allowed = np.linalg.svd(deformation, compute_uv=False).min() * (reach + self.skin) - reach
+            descriptor = self.model.descriptor
+            allowed = min(smallest * (cutoff + self.skin) - cutoff
+                          for cutoff in (descriptor.cutoff, descriptor.angular_cutoff))
         else:
             return None
         moved = np.max(np.sum((atoms.positions - mapped) ** 2, axis=1), initial=0.0)
@@ -589,8 +595,8 @@ class LMLPCalculator(Calculator):
         While the list holds in a fixed cell no pair comes closer than its build distance − skin,
         and a term is negligible beyond its ``radial_reach`` (at most 2·10⁻³⁵): so a pair needs the
         terms from the first whose reach exceeds that distance on. With a 12 Å cutoff most pairs are
-        far and need only the wide shells (8–14 of the 24 default terms); ``kernels.radial_bands``
-        groups them.
+        far and need only the medium and wide shells (6–14 of the 24 default terms);
+        ``kernels.radial_bands`` groups them.
         """
         first = torch.searchsorted(self._radial_reach, distances - self.skin, right=True)
         band, starts = kernels.radial_bands(first, self._n_radial)

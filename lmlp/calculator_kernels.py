@@ -6,7 +6,7 @@ forces) in one function, which the calculator compiles (``compiled_small_system`
 ``torch.compile``) or runs eagerly; the pieces are also used one by one, eagerly, for systems
 evaluated in blocks. The terms and their slopes are ``lmlp.descriptors.terms``', the angular ones
 summed over angular items: pairs by moments (``lmlp.descriptors.moments``) or triples. All functions
-are TorchScript-compatible. Lengths Å, energies eV.
+but ``radial_bands`` (host-side planning) are TorchScript-compatible. Lengths Å, energies eV.
 """
 
 from __future__ import annotations

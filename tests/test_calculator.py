@@ -341,13 +341,12 @@ def test_angular_items_are_triples_for_a_molecule_and_moments_in_a_dense_cell(ti
     assert calc._neighbours.terms.moments and calc._neighbours.items.shape[0] == 1
 
 
-def force_blocks(monkeypatch, bands: bool = True) -> None:
-    """The blocked path with per-element networks even for a few atoms, with radial bands if ``bands``
-    (they pay off for so few pairs too)."""
+def force_blocks(monkeypatch) -> None:
+    """The blocked path with per-element networks even for a few atoms, and free radial bands
+    (``BAND_OVERHEAD`` 0: even these few pairs are split by their first needed term)."""
     monkeypatch.setattr(calculator, "BLOCK_FLOATS", 20_000)
     monkeypatch.setattr(calculator, "GATHER_FLOATS", 0)
-    if bands:
-        monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
+    monkeypatch.setattr(calculator.kernels, "BAND_OVERHEAD", 0)
 
 
 def dense_cell(tiny) -> Atoms:
@@ -385,18 +384,37 @@ def test_radial_shells_in_any_order_skip_by_their_reach(tiny, monkeypatch):
     listed in another order give the model's descriptors all the same."""
     force_blocks(monkeypatch)
     default = DescriptorConfig()
-    model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0, radial_eta=default.radial_eta[::-1],
-                                               radial_rs=default.radial_rs[::-1]))
+    rotated = {key: getattr(default, key)[5:] + getattr(default, key)[:5] for key in ("radial_eta", "radial_rs")}
+    model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0, **rotated))
     atoms = dense_cell(tiny)
     calc = LMLPCalculator(model)
     assert_matches_model(calc, model, atoms)
-    assert calc._radial_order is not None and max(calc._neighbours.pair_columns) > 0
+    assert not torch.equal(calc._radial_order, calc._radial_inverse)  # a permutation that is not its own inverse
+    assert max(calc._neighbours.pair_columns) > 0
 
 
-def test_far_pairs_take_every_radial_term_once_they_come_close(tiny, monkeypatch):
+def pair_between(nb, atoms: Atoms, low: float, high: float) -> tuple[int, torch.Tensor]:
+    """A listed pair of two different atoms now between ``low`` and ``high`` Å apart: its index and
+    its unit vector (3,)."""
+    vectors = torch.from_numpy(atoms.positions)[nb.j] - torch.from_numpy(atoms.positions)[nb.i] + nb.shifts
+    distances = vectors.norm(dim=1)
+    p = int(torch.nonzero((distances > low) & (distances < high) & (nb.i != nb.j))[0])
+    return p, vectors[p] / distances[p]
+
+
+def approach(atoms: Atoms, nb, p: int, unit: torch.Tensor, scale: float, step: float) -> None:
+    """Grow the cell by ``scale`` (atoms scaled with it) and move the two atoms of pair ``p`` ``step`` Å
+    each towards one another."""
+    atoms.set_cell(atoms.cell.array * scale, scale_atoms=True)
+    atoms.positions[int(nb.i[p])] += step * unit.numpy()
+    atoms.positions[int(nb.j[p])] -= step * unit.numpy()
+
+
+def test_far_pairs_take_the_radial_terms_they_need_once_they_come_close(tiny, monkeypatch):
     """Blocked, the pairs evaluate only the radial terms not negligible at their build distance −
-    skin (``_band_pairs``). A grown cell lets atoms move further (``_still_valid``): a pair that comes
-    closer than its block's reach evaluates every term again, and the forces stay exact."""
+    skin (``_band_pairs``). A grown cell lets atoms move further (``_still_valid``): a block with a
+    pair closer than its reach evaluates the terms from that pair's distance on, and the forces stay
+    exact."""
     force_blocks(monkeypatch)
     first_terms = []
     columns = LMLPCalculator._radial_columns
@@ -408,22 +426,34 @@ def test_far_pairs_take_every_radial_term_once_they_come_close(tiny, monkeypatch
     assert_matches_model(calc, model, atoms)
     built = calc._neighbours
     assert first_terms[-1] == built.pair_columns and max(built.pair_columns) > 0
-    # a pair ~5 Å apart, whose block skips the shells centred up to 1.7 Å (reach 3.94 Å): its atoms
-    # approach by 5.8 Å in a cell grown 1.5× (2 × 2.9 Å, within the 2 × 3 Å it allows), to ~1.7 Å
-    vectors = torch.from_numpy(atoms.positions)[built.j] - torch.from_numpy(atoms.positions)[built.i] + built.shifts
-    distances = vectors.norm(dim=1)
-    block_first = torch.zeros(len(distances), dtype=torch.int64)
-    for block, first in zip(built.pair_blocks, built.pair_columns):
-        block_first[block] = first
-    p = int(torch.nonzero((distances > 4.95) & (distances < 5.1) & (built.i != built.j) & (block_first > 0))[0])
-    step = (vectors[p] / distances[p]).numpy()
-    atoms.set_cell(atoms.cell.array * 1.5, scale_atoms=True)
-    atoms.positions[int(built.i[p])] += 2.9 * step
-    atoms.positions[int(built.j[p])] -= 2.9 * step
+    # a pair ~4.5 Å apart skips the shells centred at 0.9 and 1.1 Å (reach 3.1, 3.3 Å); in a cell
+    # grown 2× its atoms may approach by 2 × 3.8 Å (the angular list allows 2 × 4 Å), to ~1.4 Å
+    p, unit = pair_between(built, atoms, 4.4, 4.6)
+    approach(atoms, built, p, unit, 2.0, 3.8)
     assert_matches_model(calc, model, atoms)
     assert calc._neighbours.reference is built.reference
     reset = [b for b, (now, then) in enumerate(zip(first_terms[-1], built.pair_columns)) if now != then]
-    assert reset and all(first_terms[-1][b] == 0 for b in reset)
+    assert reset and all(first_terms[-1][b] < built.pair_columns[b] for b in reset)
+
+
+def test_grown_cells_keep_the_angular_items_complete(tiny, angular_items):
+    """A grown cell allows the atoms to move less for the angular items' list (angular cutoff + skin)
+    than for the pairs' (``_still_valid``): a pair from beyond the angular list that comes inside
+    the angular cutoff makes the list rebuild."""
+    model = build_model(tiny, DescriptorConfig(cutoff=9.0, angular_cutoff=6.0))
+    atoms = dense_cell(tiny)
+    calc = LMLPCalculator(model)
+    assert_matches_model(calc, model, atoms)
+    built = calc._neighbours
+    p, unit = pair_between(built, atoms, 7.1, 7.4)  # beyond the 7 Å angular list
+    approach(atoms, built, p, unit, 1.5, 2.9)  # to ~5.1 Å: the pairs' list allows 2 × 3 Å, the angular 2 × 2.25
+    assert_matches_model(calc, model, atoms)
+    assert calc._neighbours.reference is not built.reference
+
+
+def test_an_atom_without_neighbours_matches_the_model(model):
+    """No pairs: the whole-step kernel has no blocks and no layouts."""
+    assert_matches_model(LMLPCalculator(model), model, Atoms("C", positions=[[0.0, 0.0, 0.0]]))
 
 
 def test_one_calculator_serves_several_compositions(tiny, model):
