@@ -162,6 +162,11 @@ def labelling_saved(records: list[dict[str, Any]], seconds_per_structure: float)
     return out
 
 
+def in_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run records by number of structures, then in the order of ``VARIANTS``."""
+    return sorted(records, key=lambda r: (r["n"], list(VARIANTS).index(r["variant"])))
+
+
 def target_ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The errors of each continued run of at most ``TARGET_SIZE`` structures over those of scratch on
     the most structures (test and independent set, E and F), and whether all four are ≤ ``TARGET``."""
@@ -170,7 +175,7 @@ def target_ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     reference = max(scratch, key=lambda r: r["n"])
     out: dict[str, Any] = {"scratch_n": reference["n"], "runs": []}
-    for r in sorted(records, key=lambda r: (r["n"], list(VARIANTS).index(r["variant"]))):
+    for r in in_order(records):
         if r["variant"] != "scratch" and r["n"] <= TARGET_SIZE:
             ratios = {f"{split}_{key}": r[split][key] / reference[split][key]
                       for split in ("test", "independent") for key in ("rmse_e", "rmse_f")}
@@ -213,7 +218,7 @@ def tables(results: dict[str, Any]) -> str:
     """Markdown tables of the runs and the barriers."""
     lines = ["| variant | DFT structures | validation E / F | test E / F | independent E / F | xTB test E / F | wall s |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(results["runs"], key=lambda r: (r["n"], list(VARIANTS).index(r["variant"]))):
+    for r in in_order(results["runs"]):
         cells = [f"{r[k]['rmse_e']:.2f} / {r[k]['rmse_f']:.1f}" for k in ("validation", "test", "independent", "xtb_test")]
         lines.append(f"| {VARIANTS[r['variant']][0]} | {r['n']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} |")
     target = results.get("target") or {}

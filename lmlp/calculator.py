@@ -138,8 +138,7 @@ class _Neighbours:
         pair_layouts, angular_layouts: each block's ``kernels.chunk_layout`` (pairs are ordered by
             slot, so a block's pairs fill few chunks).
         pair_columns: each pair block's first radial term, in the calculator's reach order
-            (``LMLPCalculator._band_pairs``; 0: all terms); pair_reach: the distance, Å, that its
-            pairs must keep for the terms before it to stay negligible (0.0 for all terms).
+            (``LMLPCalculator._band_pairs``; 0: all terms).
     """
 
     key: tuple
@@ -162,7 +161,6 @@ class _Neighbours:
     pair_layouts: list[kernels.Layout | None]
     angular_layouts: list[kernels.Layout | None]
     pair_columns: list[int]
-    pair_reach: list[float]
 
 
 class _Networks:
@@ -466,12 +464,16 @@ class LMLPCalculator(Calculator):
         return atomic, sums[0] - sums[1], pairs[:, 3], virials
 
     def _radial_columns(self, nb: _Neighbours, distances: torch.Tensor) -> list[int]:
-        """Each pair block's first radial term now: ``nb.pair_columns``, or, for a block with a pair
-        closer than its ``pair_reach`` (possible only after the cell has grown, ``_still_valid``),
-        the first term whose reach exceeds that pair's distance (distances (P,) Å)."""
-        return [first if not first or float(distances[block].min()) >= reach else
-                min(first, int(torch.searchsorted(self._radial_reach, distances[block].min().double(), right=True)))
-                for block, first, reach in zip(nb.pair_blocks, nb.pair_columns, nb.pair_reach)]
+        """Each pair block's first radial term now (distances (P,) Å): ``nb.pair_columns``, or, for a
+        block whose closest pair has come inside the reach of a term it skips (possible only after
+        the cell has grown, ``_still_valid``), the first term whose reach exceeds that distance."""
+        columns = []
+        for block, first in zip(nb.pair_blocks, nb.pair_columns):
+            if first:
+                closest = distances[block].min().to(torch.float64)
+                first = min(first, int(torch.searchsorted(self._radial_reach, closest, right=True)))
+            columns.append(first)
+        return columns
 
     def _radial_block(self, pairs: torch.Tensor, first: int, slopes: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``terms.radial`` values and slopes (B, K − first) of the radial terms from ``first`` on,
@@ -566,9 +568,9 @@ class LMLPCalculator(Calculator):
         items = find_angular_items(torch.stack([i, j]), distances, angular_cutoff, n, moments)
         pair_blocks = self._blocks(len(i), (self._contracted + 3) * self._n_radial)
         angular_blocks = self._angular_blocks(items.shape[1], terms)
-        pair_columns, pair_reach = [0] * len(pair_blocks), [0.0] * len(pair_blocks)
+        pair_columns = [0] * len(pair_blocks)
         if not self._networks.gathered or len(pair_blocks) > 1 or len(angular_blocks) > 1:  # the blocked path
-            order, pair_blocks, pair_columns, pair_reach = self._band_pairs(distances)
+            order, pair_blocks, pair_columns = self._band_pairs(distances)
             i, j, shifts = i[order], j[order], shifts[order]
             items = torch.argsort(order)[items]
         z = torch.from_numpy(elements.astype(np.int64))
@@ -584,13 +586,13 @@ class LMLPCalculator(Calculator):
             pair_blocks=pair_blocks, angular_blocks=angular_blocks,
             pair_layouts=[kernels.chunk_layout(pair_slot[b]) for b in pair_blocks],
             angular_layouts=[kernels.chunk_layout(angular_slot[b]) for b in angular_blocks],
-            pair_columns=pair_columns, pair_reach=pair_reach,
+            pair_columns=pair_columns,
         )
 
-    def _band_pairs(self, distances: torch.Tensor) -> tuple[torch.Tensor, list[slice], list[int], list[float]]:
+    def _band_pairs(self, distances: torch.Tensor) -> tuple[torch.Tensor, list[slice], list[int]]:
         """The pairs (distances (P,) at the build, Å, ordered by slot) regrouped by the radial terms
         they need, for the blocked path: (the new order (P,), stable within a band so still by slot,
-        the blocks, each block's first term and reach (``_Neighbours``)).
+        the blocks, each block's first term (``_Neighbours``)).
 
         While the list holds in a fixed cell no pair comes closer than its build distance − skin,
         and a term is negligible beyond its ``radial_reach`` (at most 2·10⁻³⁵): so a pair needs the
@@ -601,15 +603,14 @@ class LMLPCalculator(Calculator):
         first = torch.searchsorted(self._radial_reach, distances - self.skin, right=True)
         band, starts = kernels.radial_bands(first, self._n_radial)
         order = torch.argsort(band, stable=True)
-        blocks, columns, reach, offset = [], [], [], 0
+        blocks, columns, offset = [], [], 0
         for start, count in zip(starts, torch.bincount(band, minlength=len(starts)).tolist()):
             width = (self._contracted + 3) * max(self._n_radial - start, 1)
             for block in self._blocks(count, width):
                 blocks.append(slice(offset + block.start, offset + block.stop))
                 columns.append(start)
-                reach.append(float(self._radial_reach[start - 1]) if start else 0.0)
             offset += count
-        return order, blocks, columns, reach
+        return order, blocks, columns
 
     @staticmethod
     def _lattice_shifts(shifts: torch.Tensor, atoms: Atoms) -> torch.Tensor:
